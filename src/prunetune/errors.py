@@ -1,0 +1,7 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class PrunetuneError(Exception):
+    """Bad input (model, data, plan, budget, output path) that the user must fix."""

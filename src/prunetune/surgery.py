@@ -1,0 +1,202 @@
+"""Physical removal: small index-based prune ops per layer type, and applying a plan with them.
+
+Every op replaces a parameter by its kept slice (a new, smaller tensor) and records the slice in a
+:class:`SliceLog`, so that an optimizer's state can be sliced the same way (see ``optim.py``). Weights
+shared by several modules (tied embeddings, T5's shared table) are sliced once and re-pointed.
+LoRA-wrapped linears (PEFT) are handled in place: the base weight, ``lora_A`` columns on the input side
+and ``lora_B`` rows on the output side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunetune.families import (
+    AttentionSite,
+    family_of,
+    get,
+    hidden_sites,
+    hidden_size,
+    install_position_bias_hooks,
+    layer_sites,
+    make_empty_attention,
+    set_head_count,
+    set_module,
+    unwrap,
+)
+from prunetune.plan import PruningPlan, kv_groups_kept
+
+LAYOUT_ATTR = "prunetune_layout"  # config attribute: the plan, relative to the dense model, applied so far
+BASE_TYPE_ATTR = "prunetune_base_model_type"
+
+
+@dataclass
+class SliceLog:
+    """What each replaced parameter became: new param and the (dim, index) slices taken, in order."""
+
+    lineage: dict[int, tuple[nn.Parameter, nn.Parameter, list[tuple[int, torch.Tensor]]]] = field(
+        default_factory=dict
+    )
+    _by_new: dict[int, int] = field(default_factory=dict)
+
+    def record(self, old: nn.Parameter, new: nn.Parameter, dim: int, index: torch.Tensor) -> None:
+        # chain slices of a parameter already replaced in this log back to the original one
+        origin_id = self._by_new.pop(id(old), id(old))
+        origin, _, ops = self.lineage.get(origin_id, (old, None, []))
+        self.lineage[origin_id] = (origin, new, [*ops, (dim, index)])
+        self._by_new[id(new)] = origin_id
+
+    def replacement(self, old: nn.Parameter) -> nn.Parameter | None:
+        entry = self.lineage.get(id(old))
+        return entry[1] if entry else None
+
+
+def slice_parameter(
+    module: nn.Module, name: str, dim: int, index: torch.Tensor, log: SliceLog, done: dict[int, tuple]
+) -> None:
+    """Replace `module.<name>` by its slice along `dim`; a tensor shared with another module is sliced once."""
+    old = getattr(module, name, None)
+    if old is None:
+        return
+    key = id(old)
+    if key in done:  # tied: re-point to the slice already made (must be the same slice)
+        new, d, idx = done[key]
+        assert d == dim and torch.equal(idx, index), "tied weights sliced differently"
+        setattr(module, name, new)
+        return
+    idx = index.to(old.device)
+    new = nn.Parameter(old.detach().index_select(dim, idx).clone(), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    done[key] = (new, dim, index)
+    log.record(old, new, dim, index)
+
+
+def prune_linear(linear: nn.Module, side: str, index: torch.Tensor, log: SliceLog, done: dict) -> None:
+    """Keep `index` on the output ("out": weight rows, bias) or input ("in": weight columns) side."""
+    base = getattr(linear, "base_layer", linear)
+    if side == "out":
+        slice_parameter(base, "weight", 0, index, log, done)
+        slice_parameter(base, "bias", 0, index, log, done)
+        base.out_features = len(index)
+        for b in getattr(linear, "lora_B", {}).values():
+            slice_parameter(b, "weight", 0, index, log, done)
+            b.out_features = len(index)
+    else:
+        slice_parameter(base, "weight", 1, index, log, done)
+        base.in_features = len(index)
+        for a in getattr(linear, "lora_A", {}).values():
+            slice_parameter(a, "weight", 1, index, log, done)
+            a.in_features = len(index)
+    if base is not linear:  # PEFT keeps its own copy of the shape
+        linear.in_features, linear.out_features = base.in_features, base.out_features
+
+
+def prune_embedding(emb: nn.Module, index: torch.Tensor, log: SliceLog, done: dict) -> None:
+    slice_parameter(emb, "weight", 1, index, log, done)
+    emb.embedding_dim = len(index)
+
+
+def prune_norm(norm: nn.Module, index: torch.Tensor, log: SliceLog, done: dict) -> None:
+    slice_parameter(norm, "weight", 0, index, log, done)
+    slice_parameter(norm, "bias", 0, index, log, done)
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (len(index),)
+
+
+def _rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Weight rows of the given heads."""
+    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long, device="cpu")
+
+
+def _prune_heads(site: AttentionSite, kept: list[int], full_heads: int, log: SliceLog, done: dict) -> None:
+    mod = site.module
+    original = list(getattr(mod, "_prunetune_heads", range(site.num_heads)))
+    new_original = [original[h] for h in kept]
+    if not kept:
+        prune_linear(site.proj("o"), "in", torch.zeros(0, dtype=torch.long, device="cpu"), log, done)
+        path, empty = make_empty_attention(site)
+        set_module(site.layer, path, empty)
+        empty._prunetune_heads = []
+        if site.spec.position_bias:
+            install_position_bias_hooks(site, [], full_heads)
+        return
+    if site.spec.kv_groups_attr and site.num_kv_heads:
+        groups = kv_groups_kept(kept, site.group_size)
+        kv = sorted(groups)
+    else:
+        kv = kept
+    rows = _rows(kept, site.head_dim)
+    kv_rows = _rows(kv, site.head_dim)
+    prune_linear(site.proj("q"), "out", rows, log, done)
+    prune_linear(site.proj("k"), "out", kv_rows, log, done)
+    prune_linear(site.proj("v"), "out", kv_rows, log, done)
+    prune_linear(site.proj("o"), "in", rows, log, done)
+    set_head_count(site, len(kept), len(kv))
+    mod._prunetune_heads = new_original
+    if site.spec.position_bias:
+        install_position_bias_hooks(site, new_original, full_heads)
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan, log: SliceLog | None = None) -> SliceLog:
+    """Remove, for real, everything the plan does not keep. Returns the log of sliced parameters."""
+    plan.validate(model)
+    log = log if log is not None else SliceLog()
+    done: dict[int, tuple] = {}
+    top = unwrap(model)
+    fam = family_of(top)
+    full_heads = int(getattr(top.config, fam.config.heads))
+    for lay in layer_sites(model):
+        for site in lay.attentions.values():
+            kept = plan.heads.get(site.key)
+            if kept is not None and site.num_heads and len(kept) != site.num_heads:
+                _prune_heads(site, kept, full_heads, log, done)
+        kept_n = plan.neurons.get(lay.key)
+        if kept_n is not None and len(kept_n) != lay.ffn.width:
+            idx = torch.tensor(kept_n, dtype=torch.long, device="cpu")
+            for lin in lay.ffn.inputs:
+                prune_linear(lin, "out", idx, log, done)
+            prune_linear(lay.ffn.output, "in", idx, log, done)
+    if plan.hidden is not None and len(plan.hidden) != hidden_size(model):
+        idx = torch.tensor(plan.hidden, dtype=torch.long, device="cpu")
+        sites = hidden_sites(model)
+        for emb, _ in sites["embedding"]:
+            prune_embedding(emb, idx, log, done)
+        for norm, _ in sites["norm"]:
+            prune_norm(norm, idx, log, done)
+        for lin, _ in sites["linear_in"]:
+            prune_linear(lin, "in", idx, log, done)
+        for lin, _ in sites["linear_out"]:
+            prune_linear(lin, "out", idx, log, done)
+    _record_layout(top, plan)
+    return log
+
+
+def _record_layout(top: nn.Module, plan: PruningPlan) -> None:
+    """Keep on the config the plan relative to the dense model, which export writes and reload replays."""
+    config = top.config
+    previous = getattr(config, LAYOUT_ATTR, None)
+    step = PruningPlan(plan.family, plan.heads, plan.neurons, plan.hidden)
+    layout = PruningPlan.from_dict(previous).compose(step) if previous else step
+    setattr(config, LAYOUT_ATTR, layout.to_dict())
+    if getattr(config, BASE_TYPE_ATTR, None) is None:
+        setattr(config, BASE_TYPE_ATTR, config.model_type)
+
+
+def current_layout(model: nn.Module) -> PruningPlan | None:
+    """The plan (relative to the dense model) that gives this model its shapes; None when dense."""
+    d = getattr(unwrap(model).config, LAYOUT_ATTR, None)
+    return PruningPlan.from_dict(d) if d else None
+
+
+def restore_layout(model: nn.Module, layout: PruningPlan) -> None:
+    """Shrink a freshly built dense model to a saved layout (used when an export is loaded)."""
+    top = unwrap(model)
+    setattr(top.config, LAYOUT_ATTR, None)
+    with torch.no_grad():
+        apply_plan(model, layout)
+
+
+__all__ = ["SliceLog", "apply_plan", "current_layout", "get", "prune_linear", "restore_layout"]
