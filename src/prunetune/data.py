@@ -385,6 +385,8 @@ def _read_json_rows(path: Path) -> tuple[list[str], list[Mapping[str, Any]]]:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
         raise PrunetuneError(f"{path}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not rows:
+        raise PrunetuneError(f"{path}: the file is empty")
     if not all(isinstance(row, dict) for row in rows):
         raise PrunetuneError(f"{path}: expected one JSON object per line")
     # Keep first-seen order so error messages list columns as they appear in the file.

@@ -369,6 +369,7 @@ def select(model: nn.Module, scores, budget: Budget, *, layer_norm_heads: bool =
         _top_count(neuron_units, budget.neurons_keep, total_neurons) if fixed_neurons else neuron_units
     )
     fraction = budget.keep_params if budget.keep_params is not None else budget.keep_flops
+    reference = 0.0
     meta: dict = {"budget": asdict(budget)}
     if fraction is not None:
         reference = budget.reference or layer_cost(model, flops_seq)
@@ -384,17 +385,52 @@ def select(model: nn.Module, scores, budget: Budget, *, layer_norm_heads: bool =
         chosen_heads = [u for u in required + chosen if u.kind == "heads"]
         chosen_neurons = [u for u in required + chosen if u.kind == "neurons"]
         meta["target_cost"] = fraction * reference
-        meta["kept_cost"] = fixed + sum(u.cost for u in chosen_heads + chosen_neurons)
+        meta["kept_cost"] = fixed + sum(u.cost for u in chosen_heads + chosen_neurons)  # estimate
         meta["reference_cost"] = reference
         meta["cost_kind"] = "flops" if flops_seq else "params"
 
-    plan = PruningPlan(family=fam.name, hidden=hidden_kept, meta=meta)
-    for s in sites:
-        plan.heads[s.key] = sorted(h for u in chosen_heads if u.key == s.key for h in u.ids)
-    for lay in layer_sites(model):
-        if lay.ffn.width:
-            plan.neurons[lay.key] = sorted(i for u in chosen_neurons if u.key == lay.key for i in u.ids)
+    def build(heads: list[Unit], neurons: list[Unit]) -> PruningPlan:
+        plan = PruningPlan(family=fam.name, hidden=hidden_kept, meta=meta)
+        for s in sites:
+            plan.heads[s.key] = sorted(h for u in heads if u.key == s.key for h in u.ids)
+        for lay in layer_sites(model):
+            if lay.ffn.width:
+                plan.neurons[lay.key] = sorted(i for u in neurons if u.key == lay.key for i in u.ids)
+        return plan
+
+    plan = build(chosen_heads, chosen_neurons)
+    if fraction is not None and not flops_seq:
+        # The unit costs are exact per unit, but KV rows and shared biases make a layer's total slightly
+        # non-additive: measure the real count and drop the weakest free units until the budget holds.
+        target = fraction * reference
+        droppable = sorted(
+            [u for u in chosen_heads if not fixed_heads] + [u for u in chosen_neurons if not fixed_neurons],
+            key=lambda u: u.score / u.cost if u.cost else math.inf,
+        )
+        while (kept := planned_param_count(model, plan)) > target and droppable:
+            weakest = droppable.pop(0)
+            chosen_heads = [u for u in chosen_heads if u is not weakest]
+            chosen_neurons = [u for u in chosen_neurons if u is not weakest]
+            plan = build(chosen_heads, chosen_neurons)
+        meta["kept_cost"] = kept
     return plan
+
+
+def planned_param_count(model: nn.Module, plan: PruningPlan) -> int:
+    """Exact prunable-layer parameters after `plan`, from a weightless (meta) copy of the model."""
+    import copy
+
+    import torch
+
+    from prunetune.surgery import apply_plan
+
+    top = unwrap(model)
+    memo = {id(t): torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+            for t in top.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in top.buffers()})
+    shadow = copy.deepcopy(top, memo)
+    apply_plan(shadow, PruningPlan(plan.family, plan.heads, plan.neurons, plan.hidden))
+    return layer_param_count(shadow)
 
 
 # ---------------------------------------------------------------------------------------------------------

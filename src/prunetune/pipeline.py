@@ -1,0 +1,145 @@
+"""Recipes for the engine's commands: they do the I/O (models, data, files); the components stay pure."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from prunetune import models
+from prunetune.data import check_tokenizer, get_task, load_split, make_loader, tokenize
+from prunetune.errors import PrunetuneError
+from prunetune.export import atomic_dir, save_compact
+from prunetune.importance import Scores, compute, heatmap, rank_correlation
+from prunetune.plan import Budget, PruningPlan, layer_param_count, model_info, select
+from prunetune.surgery import apply_plan
+
+
+@dataclass
+class TaskData:
+    """A tokenised task sample ready for scoring or training."""
+
+    task: str
+    loader: object
+    tokenizer: object
+
+
+def model_kind(location: str) -> str:
+    """Which head to load a checkpoint with when no task says so, from its declared architecture."""
+    cfg = Path(location) / "config.json"
+    archs = json.loads(cfg.read_text()).get("architectures") or [] if cfg.exists() else []
+    for suffix, kind in (
+        ("ForSequenceClassification", "classify"),
+        ("ForCausalLM", "causal"),
+        ("ForConditionalGeneration", "seq2seq"),
+    ):
+        if any(a.endswith(suffix) for a in archs):
+            return kind
+    return "base"
+
+
+def load_task_model(model: str | None, task: str | None) -> tuple[nn.Module, object, str]:
+    """The model (with the task's head when a task is given), its tokenizer and its location."""
+    location = models.resolve(model)
+    tokenizer = models.load_tokenizer(location)
+    if task:
+        spec = get_task(task)
+        net = models.load_for_task(location, "classify", spec.num_labels, spec.is_regression)
+    else:
+        net = models.load_for_task(location, model_kind(location))
+    check_tokenizer(tokenizer, net.config)
+    return net.eval(), tokenizer, location
+
+
+def sample_batches(
+    tokenizer, task: str, data: str | None, samples: int, *, split: str = "train", max_length: int = 128,
+    batch_size: int = 16, seed: int = 0,
+):
+    """A seeded sample of labelled task batches (the cheap pass the importance scores are computed on)."""
+    spec = get_task(task)
+    ds = load_split(spec, split, data, limit=samples, seed=seed)
+    return make_loader(tokenize(ds, tokenizer, max_length), tokenizer, batch_size, shuffle=False, seed=seed)
+
+
+def run_importance(
+    model: str | None, tasks: list[str], out: str, *, data: list[str] | None = None, samples: int = 512,
+    scorer: str = "head_grad", max_length: int = 128, batch_size: int = 16, hidden: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Score heads/neurons for one or more tasks; write scores JSON, heat map PNG and (two tasks) the correlation."""
+    if not tasks:
+        raise PrunetuneError("importance needs --task")
+    data = list(data or [])
+    if data and len(data) != len(tasks):
+        raise PrunetuneError("give one --data per --task, in the same order")
+    all_scores: list[Scores] = []
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for i, task in enumerate(tasks):
+            net, tok, _ = load_task_model(model, task)
+            batches = sample_batches(tok, task, data[i] if data else None, samples, max_length=max_length,
+                                     batch_size=batch_size)
+            scores = compute(net, batches, scorer, hidden=hidden)
+            scores.meta.update({"task": task, "samples": samples})
+            scores.save(tmp / f"importance_{task}.json")
+            all_scores.append(scores)
+        heatmap(all_scores, [f"{t} ({scorer})" for t in tasks], tmp / "heads.png")
+        summary = {"tasks": tasks, "scorer": scorer}
+        if len(all_scores) == 2:
+            summary["spearman_heads"] = rank_correlation(*all_scores)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def run_prune(
+    model: str | None, out: str, *, plan: str | None = None, budget: Budget | None = None,
+    task: str | None = None, data: str | None = None, samples: int = 512, scorer: str | None = None,
+    max_length: int = 128, overwrite: bool = False,
+) -> dict:
+    """Prune MODEL by a plan file or a budget (scored on task data, or by weight magnitude) and export it."""
+    if plan is None and budget is None:
+        raise PrunetuneError("give --plan or a budget (--keep-params, --heads-keep, --neurons-keep, --hidden-keep)")
+    if budget is not None:
+        budget.check()
+    if Path(out).exists() and not overwrite and any(Path(out).iterdir()):
+        raise PrunetuneError(f"output directory {out} already exists and is not empty (use --overwrite)")
+    net, tok, _ = load_task_model(model, task)
+    before = model_info(net)
+    notes = []
+    if plan is not None:
+        the_plan = PruningPlan.load(plan)
+    else:
+        hidden = budget.hidden_keep is not None and budget.hidden_keep < 1
+        if task:
+            scorer = scorer or "head_grad"
+            batches = sample_batches(tok, task, data, samples, max_length=max_length)
+            scores = compute(net, batches, scorer, hidden=hidden)
+        else:
+            scorer = "magnitude"
+            notes.append("no --task: scored with the data-free weight-magnitude criterion")
+            scores = compute(net, None, scorer, hidden=hidden)
+        the_plan = select(net, scores, budget)
+        the_plan.meta["scorer"] = scorer
+    reference = layer_param_count(net)
+    apply_plan(net, the_plan)
+    after = model_info(net)
+    report = {
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "layer_params_before": reference,
+        "layer_params_after": after["layer_params"],
+        "layer_params_kept": after["layer_params"] / reference,
+        "heads": f"{after['heads']}/{before['heads']}",
+        "ffn": f"{after['ffn']}/{before['ffn']}",
+        "hidden": f"{after['hidden']}/{before['hidden']}",
+        "notes": notes,
+    }
+    save_compact(net, out, tok, overwrite=overwrite, extra={"plan.json": the_plan.to_dict(), "prune.json": report})
+    return report
+
+
+def run_info(path: str) -> dict:
+    location = models.resolve(path)
+    net = models.load_for_task(location, model_kind(location))
+    return model_info(net)
