@@ -457,7 +457,7 @@ class EmptyAttention(nn.Module):
     T5 blocks also hand the shared relative position bias on, which the position-bias hooks provide.
     """
 
-    def __init__(self, original: nn.Module, o_name: str, keep: tuple[str, ...] = ()):
+    def __init__(self, original: nn.Module, o_name: str, keep: tuple[str, ...] = (), *, self_attention: bool = True):
         super().__init__()
         self.o_name = o_name
         setattr(self, o_name, getattr(original, o_name))
@@ -466,8 +466,27 @@ class EmptyAttention(nn.Module):
             if hasattr(original, name):
                 setattr(self, name, getattr(original, name))
         self.returns_position_bias = bool(keep)
+        self.layer_idx = getattr(original, "layer_idx", None)
+        self.self_attention = self_attention
+
+    def _track_cache(self, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        """Keep this layer's KV-cache length in step with the sequence, with a 1-wide placeholder entry.
+
+        transformers reads the cached length of a layer (layer 0 for the causal mask, each T5 layer for its
+        relative position bias) from that layer's cache entry; a block that never wrote to it made cached
+        generation go wrong (masks and position bias computed for a zero-length past) once layer 0 had no head.
+        """
+        cache = kwargs.get("past_key_values")
+        if cache is None or not self.self_attention or self.layer_idx is None:
+            return
+        if kwargs.get("key_value_states") is not None:
+            return  # cross-attention: its cache holds the encoder states and is never read for lengths
+        cache = getattr(cache, "self_attention_cache", cache)  # T5: EncoderDecoderCache
+        stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+        cache.update(stub, stub, self.layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self._track_cache(hidden_states, kwargs)
         out = getattr(self, self.o_name)(hidden_states[..., :0])
         if self.returns_position_bias:
             return out, kwargs.get("position_bias"), None
@@ -481,6 +500,9 @@ _T5_BIAS_ATTRS = (
     "relative_attention_num_buckets",
     "relative_attention_max_distance",
     "layer_idx",
+    # compute_bias calls self._relative_position_bucket (a staticmethod of T5Attention): without it an
+    # EmptyAttention in layer 0 (every head of the bias owner removed) raised AttributeError on forward.
+    "_relative_position_bucket",
 )
 
 
@@ -491,7 +513,7 @@ def make_empty_attention(site: AttentionSite) -> tuple[str, nn.Module]:
         return spec.core, EmptyCore()
     o_name = spec.o.rpartition(".")[2]
     keep = _T5_BIAS_ATTRS if spec.position_bias else ()
-    return spec.module, EmptyAttention(site.module, o_name, keep)
+    return spec.module, EmptyAttention(site.module, o_name, keep, self_attention=spec.name == "self")
 
 
 def set_head_count(site: AttentionSite, heads: int, kv_heads: int) -> None:

@@ -96,15 +96,34 @@ class ActivationStats:
         self._step: dict[str, torch.Tensor] = {}
         self.stats: dict[str, torch.Tensor] = {}  # count, sum x, x^2, x^3, x^4 per unit
         self._handles = []
+        self.hidden = hidden
+        self.rehook(model)
+
+    def rehook(self, model: nn.Module) -> None:
+        """(Re)attach the hooks; needed after surgery, since head counts and modules change."""
+        self.remove()
         for lay in layer_sites(model):
             for site in lay.attentions.values():
                 if site.num_heads:
                     self._handles.append(site.proj("o").register_forward_pre_hook(self._pre(site.key, site.num_heads)))
             if lay.ffn.width:
                 self._handles.append(lay.ffn.output.register_forward_pre_hook(self._pre("ffn:" + lay.key, None)))
-        if hidden:
+        if self.hidden:
             for norm in all_norms(model):
                 self._handles.append(norm.register_forward_hook(self._post("hidden")))
+
+    def follow_plan(self, plan) -> None:
+        """Keep the smoothed salience of the structures a plan keeps, at their new positions."""
+        def keep(key: str, index: list[int] | None) -> None:
+            if index is not None and key in self.salience:
+                self.salience[key] = self.salience[key][torch.tensor(index, dtype=torch.long)]
+
+        for key, idx in plan.heads.items():
+            keep(key, idx)
+        for key, idx in plan.neurons.items():
+            keep("ffn:" + key, idx)
+        keep("hidden", plan.hidden)
+        self._step, self.stats = {}, {}
 
     def _add(self, store: dict, key: str, value: torch.Tensor) -> None:
         store[key] = store[key] + value if key in store else value
@@ -207,13 +226,19 @@ def _run(model: nn.Module, batches: Iterable[dict], *, hidden: bool, moments: bo
     tokens = 0
     was_training = model.training
     model.eval()  # no dropout: scores must be reproducible
-    stats = ActivationStats(model, hidden=hidden, moments=moments)
+    stats = None
     try:
         with _frozen(model), attach(model, masks):
+            # Hooks run in registration order: the statistics hooks go on after the masks, so on the norms
+            # they see the masked output the loss depends on. Registered first, they saw the norm's own
+            # output, which the hidden-mask hook replaces: no gradient reached it and `salience` silently
+            # returned no hidden scores (hidden=None) while heads and neurons were scored.
+            stats = ActivationStats(model, hidden=hidden, moments=moments)
             n_batches = 0
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                mask = batch.get("attention_mask")
+                tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 masks.zero_grad()
                 _loss(model, batch).backward()
                 stats.step()
@@ -229,7 +254,8 @@ def _run(model: nn.Module, batches: Iterable[dict], *, hidden: bool, moments: bo
             if n_batches == 0:
                 raise PrunetuneError("importance needs data, but the data set is empty")
     finally:
-        stats.remove()
+        if stats is not None:
+            stats.remove()
         model.train(was_training)
     return abs_sum, signed_sum, sq_sum, tokens, stats
 

@@ -152,14 +152,7 @@ def layer_param_count(model: nn.Module) -> int:
     """
     total = 0
     for lay in layer_sites(model):
-        seen = set()
-        for mod in lay.module.modules():
-            if "lora" in type(mod).__module__ or id(mod) in seen:
-                continue
-            seen.add(id(mod))
-            for name, p in mod.named_parameters(recurse=False):
-                if "lora_" not in name:
-                    total += p.numel()
+        total += sum(p.numel() for n, p in lay.module.named_parameters() if "lora_" not in n)
     return total
 
 
@@ -372,10 +365,11 @@ def select(model: nn.Module, scores, budget: Budget, *, layer_norm_heads: bool =
     reference = 0.0
     meta: dict = {"budget": asdict(budget)}
     if fraction is not None:
-        reference = budget.reference or layer_cost(model, flops_seq)
-        # what no selection can remove: norms, output biases (params); nothing else (FLOPs)
-        fixed = 0.0 if flops_seq else reference * hidden_scale - sum(u.cost for u in head_units + neuron_units)
-        fixed = max(fixed, 0.0) if not flops_seq else 0.0
+        current = layer_cost(model, flops_seq)
+        reference = budget.reference or current  # APT: fractions of the dense model, pruned step by step
+        # what no selection can remove: norms and output biases (params); nothing (FLOPs)
+        units_cost = sum(u.cost for u in head_units + neuron_units)
+        fixed = 0.0 if flops_seq else max(current * hidden_scale - units_cost, 0.0)
         capacity = fraction * reference - fixed
         required = (chosen_heads if fixed_heads else []) + (chosen_neurons if fixed_neurons else [])
         free = [u for u in head_units if not fixed_heads] + [u for u in neuron_units if not fixed_neurons]
@@ -399,15 +393,17 @@ def select(model: nn.Module, scores, budget: Budget, *, layer_norm_heads: bool =
         return plan
 
     plan = build(chosen_heads, chosen_neurons)
-    if fraction is not None and not flops_seq:
+    if fraction is not None:
         # The unit costs are exact per unit, but KV rows and shared biases make a layer's total slightly
         # non-additive: measure the real count and drop the weakest free units until the budget holds.
+        # (FLOPs too: this check used to run for parameter budgets only, and a --keep-flops plan of a GQA
+        # model could keep more than asked, as per-group slices spread KV costs that stay until the last goes.)
         target = fraction * reference
         droppable = sorted(
             [u for u in chosen_heads if not fixed_heads] + [u for u in chosen_neurons if not fixed_neurons],
             key=lambda u: u.score / u.cost if u.cost else math.inf,
         )
-        while (kept := planned_param_count(model, plan)) > target and droppable:
+        while (kept := planned_cost(model, plan, flops_seq)) > target * (1 + 1e-9) and droppable:
             weakest = droppable.pop(0)
             chosen_heads = [u for u in chosen_heads if u is not weakest]
             chosen_neurons = [u for u in chosen_neurons if u is not weakest]
@@ -416,8 +412,8 @@ def select(model: nn.Module, scores, budget: Budget, *, layer_norm_heads: bool =
     return plan
 
 
-def planned_param_count(model: nn.Module, plan: PruningPlan) -> int:
-    """Exact prunable-layer parameters after `plan`, from a weightless (meta) copy of the model."""
+def _pruned_shadow(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """A weightless (meta) copy of the model with `plan` applied."""
     import copy
 
     import torch
@@ -430,7 +426,17 @@ def planned_param_count(model: nn.Module, plan: PruningPlan) -> int:
     memo.update({id(b): torch.empty_like(b, device="meta") for b in top.buffers()})
     shadow = copy.deepcopy(top, memo)
     apply_plan(shadow, PruningPlan(plan.family, plan.heads, plan.neurons, plan.hidden))
-    return layer_param_count(shadow)
+    return shadow
+
+
+def planned_param_count(model: nn.Module, plan: PruningPlan) -> int:
+    """Exact prunable-layer parameters after `plan`, from a weightless (meta) copy of the model."""
+    return layer_param_count(_pruned_shadow(model, plan))
+
+
+def planned_cost(model: nn.Module, plan: PruningPlan, flops_seq: int | None = None) -> float:
+    """Parameters (or FLOPs per token at `flops_seq`, see layer_cost) of the prunable layers after `plan`."""
+    return layer_cost(_pruned_shadow(model, plan), flops_seq)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,19 +35,26 @@ BASE_TYPE_ATTR = "prunetune_base_model_type"
 
 @dataclass
 class SliceLog:
-    """What each replaced parameter became: new param and the (dim, index) slices taken, in order."""
+    """What each replaced parameter became, and the ops that made it: ("slice", dim, index) or ("grow", dim, n).
 
-    lineage: dict[int, tuple[nn.Parameter, nn.Parameter, list[tuple[int, torch.Tensor]]]] = field(
-        default_factory=dict
-    )
+    Keyed by the original parameter's id; successive ops on one parameter chain, so an optimizer holding
+    the original can be re-pointed at the final tensor with its state transformed the same way.
+    """
+
+    lineage: dict[int, tuple[nn.Parameter, nn.Parameter, list[tuple]]] = field(default_factory=dict)
     _by_new: dict[int, int] = field(default_factory=dict)
 
-    def record(self, old: nn.Parameter, new: nn.Parameter, dim: int, index: torch.Tensor) -> None:
-        # chain slices of a parameter already replaced in this log back to the original one
+    def _add(self, old: nn.Parameter, new: nn.Parameter, op: tuple) -> None:
         origin_id = self._by_new.pop(id(old), id(old))
         origin, _, ops = self.lineage.get(origin_id, (old, None, []))
-        self.lineage[origin_id] = (origin, new, [*ops, (dim, index)])
+        self.lineage[origin_id] = (origin, new, [*ops, op])
         self._by_new[id(new)] = origin_id
+
+    def record(self, old: nn.Parameter, new: nn.Parameter, dim: int, index: torch.Tensor) -> None:
+        self._add(old, new, ("slice", dim, index))
+
+    def record_growth(self, old: nn.Parameter, new: nn.Parameter, dim: int, old_size: int) -> None:
+        self._add(old, new, ("grow", dim, new.shape[dim] - old_size))
 
     def replacement(self, old: nn.Parameter) -> nn.Parameter | None:
         entry = self.lineage.get(id(old))

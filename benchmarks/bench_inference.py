@@ -1,0 +1,129 @@
+"""Inference benchmark of the engine: the embedded MiniLM dense vs. pruned to a fraction of its layer parameters.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_inference.py --out results.json [--round-to 8]
+
+Builds (a) the dense model with a 2-label head, saved as-is, and (b) the model pruned with SST-2 task
+importance to ``--keep-params`` of its layer parameters (c: the same with FFN widths in multiples of
+``--round-to``), then measures every model in its own fresh process, interleaved over rounds
+(see ``prunetune.bench.compare_inference``). The target: latency ratio <= 0.50 at keep_params 0.4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from prunetune import models  # noqa: E402
+from prunetune.bench import compare_inference, machine_description, usable_cores  # noqa: E402
+from prunetune.pipeline import run_prune  # noqa: E402
+from prunetune.plan import Budget  # noqa: E402
+
+TARGET_RATIO = 0.50
+
+
+def build_dense(out: Path) -> dict:
+    """The embedded model with a fresh 2-label head, saved with the stock save_pretrained."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prunetune.plan import model_info
+
+    if not (out / "info.json").exists():
+        model = AutoModelForSequenceClassification.from_pretrained(models.resolve(None), num_labels=2)
+        model.save_pretrained(out)
+        info = model_info(model)
+        (out / "info.json").write_text(json.dumps({k: info[k] for k in ("params", "layer_params", "heads", "ffn")}))
+    return json.loads((out / "info.json").read_text())
+
+
+def build_pruned(out: Path, keep_params: float, round_to: int, samples: int) -> dict:
+    """The embedded model pruned with SST-2 importance (the bundled sample) to `keep_params` of its layers."""
+    if not (out / "prune.json").exists():
+        budget = Budget(keep_params=keep_params, round_to=round_to)
+        run_prune(None, str(out), budget=budget, task="sst2", samples=samples, overwrite=True)
+    return json.loads((out / "prune.json").read_text())
+
+
+def markdown_table(results: dict[str, dict], shapes: dict[str, str]) -> str:
+    """One row per model; ratios relative to the first."""
+    rows = [
+        "| model | params | layer params | heads / FFN | latency median (ms) | latency ratio | peak mem (MB) | mem ratio |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        rows.append(
+            f"| {name} | {r['params'] / 1e6:.2f} M | {r['layer_params'] / 1e6:.2f} M | {shapes[name]} "
+            f"| {r['latency_s_median'] * 1e3:.0f} | {r['latency_ratio']:.3f} "
+            f"| {r['peak_mem_mb']:.0f} | {r['mem_ratio']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10, help="timed forward passes per process")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per model, interleaved")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    p.add_argument("--keep-params", type=float, default=0.4, help="fraction of layer parameters to keep")
+    p.add_argument("--round-to", type=int, default=None, help="also measure a variant with FFN widths rounded")
+    p.add_argument("--samples", type=int, default=256, help="SST-2 examples for the importance scores")
+    p.add_argument("--workdir", help="where the models are built (kept, and reused when present); default: tmp")
+    p.add_argument("--out", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="prunetune-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    k = f"{args.keep_params:g}"
+    dense_info = build_dense(work / "dense")
+    dirs = {"dense": work / "dense", f"pruned {k}": work / f"pruned_k{k}"}
+    reports = {f"pruned {k}": build_pruned(dirs[f"pruned {k}"], args.keep_params, 1, args.samples)}
+    if args.round_to and args.round_to > 1:
+        name = f"pruned {k} round-to {args.round_to}"
+        dirs[name] = work / f"pruned_k{k}_r{args.round_to}"
+        reports[name] = build_pruned(dirs[name], args.keep_params, args.round_to, args.samples)
+    shapes = {"dense": f"{dense_info['heads']} / {dense_info['ffn']}"}
+    shapes.update({n: f"{r['heads']} / {r['ffn'].split('/')[0]}" for n, r in reports.items()})
+
+    threads = args.threads or usable_cores()
+    print(f"measuring {len(dirs)} models x {args.rounds} rounds (batch {args.batch_size} x seq {args.seq_len}, "
+          f"{threads} threads) ...", file=sys.stderr)
+    results = compare_inference(
+        {n: str(d) for n, d in dirs.items()}, rounds=args.rounds, batch_size=args.batch_size, seq_len=args.seq_len,
+        warmup=args.warmup, repeats=args.repeats, threads=threads,
+    )
+    first = next(iter(results.values()))
+    date = datetime.date.today().isoformat()
+    machine = machine_description()
+    table = markdown_table(results, shapes)
+    print(f"\nprunetune inference benchmark, {date}")
+    print(f"machine: {machine}")
+    print(f"setting: {first['device']}, {first['dtype']}, attention {first['attn_implementation']}, batch "
+          f"{args.batch_size} x seq {args.seq_len}, {threads} threads, median of {args.repeats} passes "
+          f"(best of {args.rounds} fresh processes per model); peak memory above the pre-load baseline\n")
+    print(table)
+    ratio = results[f"pruned {k}"]["latency_ratio"]
+    verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
+    print(f"\ntarget: latency ratio <= {TARGET_RATIO:.2f} at keep_params {k}: {ratio:.3f} ({verdict})")
+    if args.out:
+        payload = {
+            "date": date, "machine": machine, "settings": vars(args) | {"threads": threads, "workdir": str(work)},
+            "results": results, "prune_reports": reports, "target_latency_ratio": TARGET_RATIO,
+        }
+        Path(args.out).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""LoRA through PEFT: which linears get adapters, rank-varied patterns, what trains, growth and merging.
+
+PEFT does the injection (module replacement, ``rank_pattern`` for varied ranks, merging); prunetune adds
+what PEFT has no notion of: adapters on a physically pruned base (surgery slices ``lora_A``/``lora_B``,
+see surgery.py), growing an adapter's rank mid-training (APT), and refusing to load an adapter onto a
+base of another shape (PEFT would silently do nothing, PEFT issue 1746).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunetune.errors import PrunetuneError
+from prunetune.families import all_norms, base_model, layer_sites, out_width, unwrap
+
+ADAPTER = "default"
+
+
+def attention_targets(model: nn.Module) -> dict[str, list[str]]:
+    """Full module names of the q/k/v/o linears, by layer key; sites with no head left are skipped."""
+    top = unwrap(model)
+    names = {id(m): n for n, m in top.named_modules()}
+    out: dict[str, list[str]] = {}
+    for lay in layer_sites(top):
+        for site in lay.attentions.values():
+            if not site.num_heads:
+                continue
+            for which in ("q", "k", "v", "o"):
+                mod = site.proj(which)
+                if mod is not None and out_width(mod) > 0:
+                    out.setdefault(lay.key, []).append(names[id(mod)])
+    return out
+
+
+def block_ranks(block_scores: dict[str, float], top_k: int, high: int, low: int) -> dict[str, int]:
+    """Rank-varied LoRA (Pruning-Adapter): the k most important blocks get `high`, the others `low`."""
+    if high <= 0 or low <= 0:
+        raise PrunetuneError("LoRA ranks must be positive")
+    best = sorted(block_scores, key=lambda k: -block_scores[k])[: max(0, top_k)]
+    return {k: (high if k in best else low) for k in block_scores}
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    block_rank: dict[str, int] | None = None,
+    train_norms: bool = True,
+    train_head: bool = True,
+):
+    """Wrap the model with LoRA on q/k/v/o (per-block ranks via PEFT's rank_pattern); freeze the rest.
+
+    Trainable afterwards: the adapters, and optionally every norm and the task head (Pruning-Adapter's
+    setting). `alpha` defaults to 2 x rank, so scaling = 2 whatever the rank.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if rank <= 0:
+        raise PrunetuneError("LoRA rank must be positive")
+    targets = attention_targets(model)
+    names = [n for v in targets.values() for n in v]
+    if not names:
+        raise PrunetuneError("no attention projection left to put LoRA on")
+    rank_pattern, alpha_pattern = {}, {}
+    for key, r in (block_rank or {}).items():
+        for n in targets.get(key, []):
+            rank_pattern[n] = r
+            alpha_pattern[n] = 2 * r if alpha is None else alpha
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        target_modules=names,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    set_trainable(peft_model, norms=train_norms, head=train_head, lora=True)
+    return peft_model
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The task head: parameters outside the backbone that are not tied to an embedding."""
+    top = unwrap(model)
+    backbone = {id(p) for p in base_model(top).parameters()}
+    return [p for p in top.parameters() if id(p) not in backbone and "lora" not in type(p).__name__]
+
+
+def set_trainable(model: nn.Module, *, norms: bool, head: bool, lora: bool = True, all_params: bool = False) -> None:
+    """Freeze everything, then unfreeze the chosen groups."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(all_params or (lora and "lora_" in n))
+    if norms:
+        for norm in all_norms(model):
+            for p in norm.parameters():
+                p.requires_grad_(True)
+    if head:
+        for p in head_parameters(model):
+            p.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters; LoRA adapters count in both."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT LoRA-wrapped linears by full module name."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and ADAPTER in m.lora_A}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the (possibly pruned) weights: inference then costs no adapter time."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def grow_rank(layer: nn.Module, new_rank: int, log=None) -> bool:
+    """Give a LoRA layer more rank without changing its function (APT's adaptive tuning).
+
+    New rows of A are initialised like PEFT's (Kaiming), new columns of B are zero, so B @ A is unchanged;
+    the scaling is kept as it was (alpha / r would shrink the existing directions). `log`, a SliceLog,
+    records the growth so the optimizer's state can be extended with zeros.
+    """
+    a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    r = a.weight.shape[0]
+    if new_rank <= r:
+        return False
+    extra = new_rank - r
+    new_a = torch.empty(extra, a.weight.shape[1], dtype=a.weight.dtype, device=a.weight.device)
+    nn.init.kaiming_uniform_(new_a, a=math.sqrt(5))
+    grown_a = nn.Parameter(torch.cat([a.weight.detach(), new_a], 0), requires_grad=a.weight.requires_grad)
+    zeros_b = torch.zeros(b.weight.shape[0], extra, dtype=b.weight.dtype, device=b.weight.device)
+    grown_b = nn.Parameter(torch.cat([b.weight.detach(), zeros_b], 1), requires_grad=b.weight.requires_grad)
+    if log is not None:
+        log.record_growth(a.weight, grown_a, 0, r)
+        log.record_growth(b.weight, grown_b, 1, r)
+    a.weight, b.weight = grown_a, grown_b
+    a.out_features, b.in_features = new_rank, new_rank
+    layer.r[ADAPTER] = new_rank
+    return True
+
+
+def lora_rank(layer: nn.Module) -> int:
+    return layer.lora_A[ADAPTER].weight.shape[0]
+
+
+def shape_fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """Shapes of the base weights, so an adapter is only ever loaded onto the base it was trained on."""
+    top = unwrap(model)
+    return {n.replace(".base_layer", ""): list(p.shape) for n, p in top.named_parameters() if "lora_" not in n}
+
+
+def save_adapter(model: nn.Module, out: Path) -> None:
+    """PEFT's adapter format plus the shapes of the pruned base it belongs to."""
+    model.save_pretrained(out)
+    (out / "prunetune_base.json").write_text(json.dumps({"shapes": shape_fingerprint(model)}))
+
+
+def load_adapter(base: nn.Module, adapter_dir: str | Path):
+    """Load a saved adapter onto `base`, refusing a base whose shapes differ from the one it was trained on."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    meta = json.loads((adapter_dir / "prunetune_base.json").read_text())["shapes"]
+    have = shape_fingerprint(base)
+    if have != meta:
+        differing = [n for n in meta if have.get(n) != meta[n]] or sorted(set(have) - set(meta))
+        raise PrunetuneError(
+            f"adapter {adapter_dir} was trained on a base of other shapes (e.g. {differing[:1]}); "
+            "load it onto the pruned base saved with it"
+        )
+    return PeftModel.from_pretrained(base, adapter_dir)

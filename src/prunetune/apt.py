@@ -1,0 +1,260 @@
+"""APT (Zhao, Hajishirzi, Cao, ICML 2024): adaptive pruning and tuning during fine-tuning, done properly.
+
+During LoRA training, hooks collect |activation x gradient| salience of heads, FFN neurons (and hidden
+dims) on the ordinary backward pass, smoothed by an exponential moving average. At a few steps early
+in training (a cubic schedule: much at first, less later) the engine's selection picks what to keep
+and the surgery removes the rest at once, so every later step runs on the smaller model; the
+optimizer's state is sliced, not reset. After each pruning step the most salient adapters grow in rank
+(new directions start at zero, so the function does not move). A self-distillation teacher shares all
+frozen weights with the student and keeps only its own copy of the adapters, norms and head.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunetune import adapters
+from prunetune.families import layer_sites, unwrap
+from prunetune.importance import ActivationStats, compute
+from prunetune.optim import _transform, remap_optimizer
+from prunetune.plan import Budget, PruningPlan, layer_param_count, model_info, select
+from prunetune.surgery import SliceLog, apply_plan
+from prunetune.train import TrainConfig, TrainHook, fit
+
+
+@dataclass
+class AptConfig:
+    """APT's knobs; defaults follow the paper where it states them."""
+
+    keep_params: float = 0.4  # target fraction of the prunable layer parameters
+    prune_steps: int = 10  # pruning steps, spread over the early part of training
+    prune_start: float = 0.05  # fraction of training before the first pruning step
+    prune_end: float = 0.5  # fraction of training by which the target is reached
+    ema: float = 0.85  # smoothing of the salience across steps
+    grow_fraction: float = 0.5  # the most salient half of the adapters grow at each step
+    tuning_budget: float = 4.0  # LoRA parameters may grow to this multiple of the start
+    max_rank_mult: int = 8  # an adapter's rank is capped at this multiple of its start
+    hidden: bool = False  # also prune hidden dims
+    distill: bool = True
+    distill_weight: float = 0.5  # loss = (1 - w) task + w (prediction + layer) distillation
+    distill_layers: int = 4  # layer pairs sampled per step for the layer-mapping loss
+    temperature: float = 2.0
+
+
+def cubic_schedule(cfg: AptConfig, total_steps: int) -> dict[int, float]:
+    """Optimizer step -> fraction of the dense layer parameters to keep after pruning at that step."""
+    start = max(1, round(cfg.prune_start * total_steps))
+    end = max(start, round(cfg.prune_end * total_steps))
+    n = max(1, cfg.prune_steps)
+    out: dict[int, float] = {}
+    for i in range(1, n + 1):
+        t = i / n
+        step = start + round((end - start) * (i - 1) / max(1, n - 1)) if n > 1 else start
+        out[step] = cfg.keep_params + (1 - cfg.keep_params) * (1 - t) ** 3
+    out[max(out)] = cfg.keep_params  # the last step reaches the target exactly
+    return out
+
+
+@dataclass
+class Timeline:
+    """The model's shape and the adapters' ranks at every pruning step."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, step: int, model: nn.Module, **extra) -> None:
+        info = model_info(model)
+        ranks = [adapters.lora_rank(m) for m in adapters.lora_layers(model).values()]
+        self.rows.append({
+            "step": step, "params": info["params"], "layer_params": info["layer_params"], "heads": info["heads"],
+            "neurons": info["ffn"], "hidden": info["hidden"], "lora_rank_total": sum(ranks),
+            "lora_rank_max": max(ranks, default=0), **extra,
+        })
+
+
+class SelfDistiller:
+    """Teacher = the student at its best evaluation, sharing every frozen weight (no second backbone).
+
+    The teacher keeps a private copy of the trainable tensors only (adapters, norms, head). Because it
+    shares the student's pruned structure, their hidden states live in the same space and the layer
+    mapping is the identity; APT needs a learned mapping only because its teacher keeps the dense width.
+    """
+
+    def __init__(self, cfg: AptConfig):
+        self.cfg = cfg
+        self.teacher: dict[str, torch.Tensor] | None = None
+
+    def snapshot(self, model: nn.Module) -> None:
+        self.teacher = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def memory_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in (self.teacher or {}).values())
+
+    def follow_surgery(self, model: nn.Module, before: dict[str, nn.Parameter], log: SliceLog) -> None:
+        """Slice (or grow) the teacher's private tensors exactly as the student's were; drop removed ones."""
+        if self.teacher is None:
+            return
+        now = dict(model.named_parameters())
+        for name, value in list(self.teacher.items()):
+            entry = log.lineage.get(id(before.get(name)))
+            if entry is not None:
+                value = _transform(value, entry[2])
+            if name in now and now[name].shape == value.shape:
+                self.teacher[name] = value
+            else:  # its module went with a fully pruned block
+                del self.teacher[name]
+
+    @torch.no_grad()
+    def teacher_outputs(self, model: nn.Module, batch: dict):
+        # functional_call swaps the teacher's tensors in for this call only: nothing of the student's graph
+        # is modified in place, and the frozen weights are the very same tensors.
+        from torch.func import functional_call
+
+        return functional_call(model, self.teacher, args=(), kwargs={**batch, "output_hidden_states": True},
+                               strict=False)
+
+    def loss(self, model: nn.Module, batch: dict, student, task_loss: torch.Tensor) -> torch.Tensor:
+        if self.teacher is None:
+            return task_loss
+        teacher = self.teacher_outputs(model, batch)
+        t = self.cfg.temperature
+        pred = F.kl_div(F.log_softmax(student.logits / t, -1), F.softmax(teacher.logits / t, -1),
+                        reduction="batchmean") * t * t
+        hs_s, hs_t = student.hidden_states, teacher.hidden_states
+        layers = random.sample(range(1, len(hs_s)), min(self.cfg.distill_layers, len(hs_s) - 1))
+        mask = batch.get("attention_mask")
+        layer_loss = 0.0
+        for i in layers:
+            diff = (hs_s[i] - hs_t[i]).pow(2).mean(-1)
+            layer_loss = layer_loss + ((diff * mask).sum() / mask.sum() if mask is not None else diff.mean())
+        w = self.cfg.distill_weight
+        return (1 - w) * task_loss + w * (pred + layer_loss / max(1, len(layers)))
+
+
+class AptHook(TrainHook):
+    """Salience collection, scheduled pruning, rank growth and self-distillation inside `fit`."""
+
+    def __init__(self, model: nn.Module, cfg: AptConfig, total_steps: int, dense_layer_params: int):
+        self.cfg = cfg
+        self.schedule = cubic_schedule(cfg, total_steps)
+        self.reference = dense_layer_params
+        self.stats = ActivationStats(unwrap(model), hidden=cfg.hidden, ema=cfg.ema)
+        layers = adapters.lora_layers(model)
+        self.start_rank = {n: adapters.lora_rank(m) for n, m in layers.items()}
+        self.start_lora_params = self._lora_params(model)
+        self.timeline = Timeline()
+        self.timeline.add(0, model)
+        self.distiller = SelfDistiller(cfg) if cfg.distill else None
+        self.eval_history: list[dict] = []
+
+    @staticmethod
+    def _lora_params(model: nn.Module) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+    def forward_kwargs(self) -> dict:
+        return {"output_hidden_states": True} if self.distiller and self.distiller.teacher is not None else {}
+
+    def loss(self, model, batch, outputs):
+        if self.distiller is None or self.distiller.teacher is None:
+            return None
+        return self.distiller.loss(model, batch, outputs, outputs.loss)
+
+    def after_eval(self, step, metrics, model, is_best):
+        self.eval_history.append({"step": step, **metrics})
+        if is_best and self.distiller is not None:
+            self.distiller.snapshot(model)
+
+    def after_step(self, step, total, model, optimizer) -> bool:
+        self.stats.step()
+        if step not in self.schedule:
+            return False
+        keep = self.schedule[step]
+        plan = select(model, self.stats.to_scores(), Budget(keep_params=keep, reference=self.reference,
+                                                           hidden_keep=None))
+        before = dict(model.named_parameters())
+        log = apply_plan(model, plan)
+        self._follow(plan, model, optimizer, before, log)
+        grown = self._grow(model, optimizer)
+        self.timeline.add(step, model, target_keep=keep, grown_adapters=grown)
+        return True
+
+    def _follow(self, plan: PruningPlan, model, optimizer, before, log: SliceLog) -> None:
+        remap_optimizer(optimizer, log)
+        self.stats.follow_plan(plan)
+        self.stats.rehook(unwrap(model))
+        if self.distiller is not None:
+            self.distiller.follow_surgery(model, before, log)
+
+    def _grow(self, model: nn.Module, optimizer) -> int:
+        """Grow the most salient adapters (by their layer's head salience) within the tuning budget."""
+        layers = adapters.lora_layers(model)
+        if not layers:
+            return 0
+        lora_ids = {id(x) for x in layers.values()}
+        layer_of = {id(m): lay.key for lay in layer_sites(model) for m in lay.module.modules() if id(m) in lora_ids}
+        sal = {}
+        for key, v in self.stats.salience.items():
+            if "/" in key:
+                sal[key.split("/")[0]] = sal.get(key.split("/")[0], 0.0) + float(v.sum())
+        ranked = sorted(layers.items(), key=lambda kv: -sal.get(layer_of.get(id(kv[1]), ""), 0.0))
+        ranked = ranked[: max(1, int(len(ranked) * self.cfg.grow_fraction))]
+        budget = self.cfg.tuning_budget * self.start_lora_params
+        before = dict(model.named_parameters())
+        log, grown = SliceLog(), 0
+        for name, layer in ranked:
+            r0 = self.start_rank.get(name, adapters.lora_rank(layer))
+            new_r = min(adapters.lora_rank(layer) + r0, self.cfg.max_rank_mult * r0)
+            a, b = layer.lora_A[adapters.ADAPTER].weight, layer.lora_B[adapters.ADAPTER].weight
+            extra = (new_r - a.shape[0]) * (a.shape[1] + b.shape[0])
+            if extra <= 0 or self._lora_params(model) + extra > budget:
+                continue
+            adapters.grow_rank(layer, new_r, log)
+            grown += 1
+        remap_optimizer(optimizer, log)
+        if self.distiller is not None:
+            self.distiller.follow_surgery(model, before, log)
+        return grown
+
+    def close(self) -> None:
+        self.stats.remove()
+
+
+def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfig, sample_loader):
+    """The `apt` method for the fine-tuning recipe (see recipes.py)."""
+    from prunetune.recipes import MethodResult
+
+    apt_cfg = AptConfig(keep_params=cfg.keep_params or 0.4, distill=cfg.distill, **cfg.extra)
+    dense_layer_params = layer_param_count(model)
+    extra: dict = {}
+    if cfg.prune_before_training:
+        # large decoders: outlier-aware score on a calibration sample, prune once, then tune
+        scores = compute(model, sample_loader, "salience_kurtosis", hidden=apt_cfg.hidden)
+        plan = select(model, scores, Budget(keep_params=apt_cfg.keep_params))
+        apply_plan(model, plan)
+        extra["plan_before_training"] = plan.to_dict()
+        apt_cfg.prune_steps = 0
+    peft_model = adapters.apply_lora(model, rank=cfg.rank)
+    _, trainable = adapters.count_parameters(peft_model)
+    steps = max(1, math.ceil(math.ceil(len(train_loader) / train_cfg.grad_accum) * train_cfg.epochs))
+    hook = AptHook(peft_model, apt_cfg, steps, dense_layer_params)
+    if apt_cfg.prune_steps == 0:
+        hook.schedule = {}
+    try:
+        res = fit(peft_model, train_loader, evaluate, train_cfg, hooks=[hook])
+    finally:
+        hook.close()
+    _, trainable_end = adapters.count_parameters(peft_model)
+    extra.update({
+        "timeline": hook.timeline.rows,
+        "eval_history": hook.eval_history,
+        "trainable_params_end": trainable_end,
+        "schedule": {str(k): v for k, v in hook.schedule.items()},
+        "distill": apt_cfg.distill,
+        "teacher_mem_mb": (hook.distiller.memory_bytes() / 2**20) if hook.distiller else 0.0,
+    })
+    return MethodResult(peft_model, res, trainable, None, extra)

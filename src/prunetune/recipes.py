@@ -1,0 +1,336 @@
+"""The fine-tuning recipe: load, (score, prune,) adapt, train, merge, export, report — for every method.
+
+Methods (``--method``):
+- ``full``: full fine-tuning.
+- ``lora``: LoRA of one rank on q, k, v, o; LoRA, norms and task head train.
+- ``prune-lora`` (Pruning-Adapter): head importance (mask gradients) on a small training sample, heads
+  (and optionally FFN neurons) removed for real before training, rank-varied LoRA (the k most important
+  blocks get a higher rank), then training.
+- ``lora-prune`` (APT's "LoRA+Prune" baseline): LoRA training, then Fisher-scored structured pruning to
+  the target, then a short LoRA recovery.
+- ``apt``: adaptive pruning and tuning during training (apt.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from prunetune import adapters
+from prunetune.data import get_task, load_split, make_loader, tokenize
+from prunetune.errors import PrunetuneError
+from prunetune.export import atomic_dir, save_compact
+from prunetune.importance import Scores, compute, heatmap
+from prunetune.metrics import compute_metrics
+from prunetune.models import load_for_task, load_tokenizer, resolve
+from prunetune.pipeline import load_task_model
+from prunetune.plan import Budget, layer_param_count, model_info, select
+from prunetune.surgery import apply_plan
+from prunetune.train import FitResult, TrainConfig, fit, pick_device, predict
+
+METHODS = ("full", "lora", "prune-lora", "lora-prune", "apt")
+DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "prune-lora": 5e-4, "lora-prune": 5e-4, "apt": 5e-4}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; the CLI fills it from its flags."""
+
+    task: str
+    out: str
+    model: str | None = None  # directory, hub id, or None for the embedded default
+    data: str | None = None  # GLUE-format directory or file; None = bundled sample (sst2) / datasets
+    method: str = "prune-lora"
+    overwrite: bool = False
+    epochs: float = 1.0
+    lr: float | None = None  # default per method
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 42
+    max_length: int = 128
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    eval_every: int = 0
+    samples: int = 512  # importance sample (prune-lora, lora-prune, apt before training)
+    rank: int = 8  # lora: the rank; apt: the starting rank
+    rank_high: int = 8  # prune-lora: rank of the top blocks
+    rank_low: int = 4
+    top_blocks: int = 4
+    heads_keep: float | None = None  # prune-lora: default 100/144, the paper's setting
+    neurons_keep: float | None = None
+    keep_params: float | None = None  # lora-prune / apt target (default 0.4)
+    precision: str = "auto"
+    distill: bool = True
+    prune_before_training: bool = False
+    recovery_epochs: float = 0.25  # lora-prune: LoRA recovery after pruning
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # method-specific settings (apt.AptConfig fields)
+
+    @classmethod
+    def from_args(cls, args) -> FinetuneConfig:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def check(self) -> None:
+        get_task(self.task)
+        if self.method not in METHODS:
+            raise PrunetuneError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        for name in ("rank", "rank_high", "rank_low", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise PrunetuneError(f"--{name.replace('_', '-')} must be positive")
+        if self.epochs <= 0:
+            raise PrunetuneError("--epochs must be positive")
+        for name in ("heads_keep", "neurons_keep", "keep_params"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= (1 if name == "keep_params" else max(v, 1)):
+                raise PrunetuneError(f"--{name.replace('_', '-')} must be in (0, 1] (or a count), got {v}")
+
+
+class MemoryBaseline:
+    """Peak training memory: GPU allocator peak, or the process's peak RSS above its pre-model level."""
+
+    def __init__(self):
+        from prunetune.bench import current_rss_mb
+
+        self.device = pick_device()
+        self.start_mb = current_rss_mb()
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        from prunetune.bench import peak_rss_mb
+
+        return max(0.0, peak_rss_mb() - self.start_mb)
+
+    @property
+    def how(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated over the run"
+        return "process peak resident memory (ru_maxrss) above the level just before the model was loaded"
+
+
+def _loaders(cfg: FinetuneConfig, tokenizer):
+    spec = get_task(cfg.task)
+    train = tokenize(load_split(spec, "train", cfg.data, limit=cfg.train_limit, seed=cfg.seed), tokenizer,
+                     cfg.max_length)
+    dev = tokenize(load_split(spec, "dev", cfg.data, limit=cfg.eval_limit, seed=cfg.seed), tokenizer, cfg.max_length)
+    if len(train) == 0 or len(dev) == 0:
+        raise PrunetuneError("the task data set is empty")
+    train_loader = make_loader(train, tokenizer, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    dev_loader = make_loader(dev, tokenizer, 64, shuffle=False)
+    sample = tokenize(load_split(spec, "train", cfg.data, limit=cfg.samples, seed=cfg.seed), tokenizer, cfg.max_length)
+    sample_loader = make_loader(sample, tokenizer, 16, shuffle=False)
+    return train_loader, dev_loader, sample_loader
+
+
+def _train_config(cfg: FinetuneConfig, log_path: Path, epochs: float | None = None, lr: float | None = None):
+    return TrainConfig(
+        epochs=epochs if epochs is not None else cfg.epochs,
+        lr=lr or cfg.lr or DEFAULT_LR[cfg.method],
+        grad_accum=cfg.grad_accum,
+        eval_every=cfg.eval_every,
+        seed=cfg.seed,
+        precision=cfg.precision,
+        progress=cfg.progress,
+        log_path=log_path,
+    )
+
+
+def block_scores(scores: Scores) -> dict[str, float]:
+    """Importance of a block (layer) = the sum of its heads' scores."""
+    out: dict[str, float] = {}
+    for key, vals in scores.heads.items():
+        layer = key.split("/")[0]
+        out[layer] = out.get(layer, 0.0) + float(sum(vals))
+    return out
+
+
+@dataclass
+class MethodResult:
+    """What a method hands back to the recipe."""
+
+    model: nn.Module  # trained; LoRA still unmerged where there is LoRA
+    fit: FitResult
+    trainable: int
+    scores: Scores | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _run_full(cfg, model, train_loader, evaluate, log_path, sample_loader) -> MethodResult:
+    adapters.set_trainable(model, norms=True, head=True, all_params=True)
+    _, trainable = adapters.count_parameters(model)
+    res = fit(model, train_loader, evaluate, _train_config(cfg, log_path))
+    return MethodResult(model, res, trainable)
+
+
+def _run_lora(cfg, model, train_loader, evaluate, log_path, sample_loader) -> MethodResult:
+    peft_model = adapters.apply_lora(model, rank=cfg.rank)
+    _, trainable = adapters.count_parameters(peft_model)
+    res = fit(peft_model, train_loader, evaluate, _train_config(cfg, log_path))
+    return MethodResult(peft_model, res, trainable)
+
+
+def _run_prune_lora(cfg, model, train_loader, evaluate, log_path, sample_loader) -> MethodResult:
+    scores = compute(model, sample_loader, "head_grad")
+    heads_keep = cfg.heads_keep if cfg.heads_keep is not None else 100 / 144
+    plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.neurons_keep), layer_norm_heads=True)
+    apply_plan(model, plan)
+    ranks = adapters.block_ranks(block_scores(scores), cfg.top_blocks, cfg.rank_high, cfg.rank_low)
+    peft_model = adapters.apply_lora(model, rank=cfg.rank_low, block_rank=ranks)
+    _, trainable = adapters.count_parameters(peft_model)
+    res = fit(peft_model, train_loader, evaluate, _train_config(cfg, log_path))
+    return MethodResult(peft_model, res, trainable, scores, {"plan": plan.to_dict(), "block_ranks": ranks})
+
+
+def _run_lora_prune(cfg, model, train_loader, evaluate, log_path, sample_loader) -> MethodResult:
+    peft_model = adapters.apply_lora(model, rank=cfg.rank)
+    _, trainable = adapters.count_parameters(peft_model)
+    first = fit(peft_model, train_loader, evaluate, _train_config(cfg, log_path))
+    t0 = time.perf_counter()
+    scores = compute(peft_model, sample_loader, "fisher")
+    plan = select(peft_model, scores, Budget(keep_params=cfg.keep_params or 0.4))
+    apply_plan(peft_model, plan)
+    prune_time = time.perf_counter() - t0
+    recovery = fit(peft_model, train_loader, evaluate, _train_config(cfg, log_path, epochs=cfg.recovery_epochs))
+    recovery.history = first.history + recovery.history
+    recovery.train_time_s += first.train_time_s + prune_time
+    recovery.steps += first.steps
+    return MethodResult(peft_model, recovery, trainable, scores, {"plan": plan.to_dict()})
+
+
+def _run_apt(cfg, model, train_loader, evaluate, log_path, sample_loader) -> MethodResult:
+    from prunetune.apt import run_apt
+
+    return run_apt(cfg, model, train_loader, evaluate, _train_config(cfg, log_path), sample_loader)
+
+
+RUNNERS = {
+    "full": _run_full,
+    "lora": _run_lora,
+    "prune-lora": _run_prune_lora,
+    "lora-prune": _run_lora_prune,
+    "apt": _run_apt,
+}
+
+
+def _inference_timing(model: nn.Module, loader) -> dict:
+    t0 = time.perf_counter()
+    preds, _ = predict(model, loader)
+    dt = time.perf_counter() - t0
+    return {"dev_inference_s": dt, "dev_examples": int(len(preds)), "ms_per_example": 1000 * dt / max(1, len(preds))}
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run one method end to end and write DIR/model, DIR/adapter, DIR/report.{json,md}, logs and scores."""
+    cfg.check()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise PrunetuneError(f"output directory {out} already holds a run (use --overwrite to replace it)")
+    spec = get_task(cfg.task)
+    memory = MemoryBaseline()  # before the model is loaded: the libraries' fixed cost is not counted
+    model, tokenizer, location = load_task_model(cfg.model, cfg.task)
+    dense = model_info(model)
+    dense_layer_params = layer_param_count(model)
+    train_loader, dev_loader, sample_loader = _loaders(cfg, tokenizer)
+
+    def evaluate(m: nn.Module) -> dict:
+        return compute_metrics(spec, *predict(m, dev_loader))
+
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        log_path = tmp / "metrics.jsonl"
+        result = RUNNERS[cfg.method](cfg, model, train_loader, evaluate, log_path, sample_loader)
+        peak_train = memory.peak_mb()
+        adapter_dir = None
+        if adapters.lora_layers(result.model):
+            adapter_dir = tmp / "adapter"
+            adapters.save_adapter(result.model, adapter_dir)
+        merged = adapters.merge(result.model)
+        save_compact(merged, tmp / "model", tokenizer)
+        # the report's metric comes from the exported model as `prunetune evaluate` will load it
+        reloaded = load_for_task(str(tmp / "model"), "classify", spec.num_labels, spec.is_regression)
+        metrics = evaluate(reloaded)
+        info = model_info(reloaded)
+        if result.scores is not None:
+            result.scores.save(tmp / "importance.json")
+            heatmap([result.scores], [f"{cfg.task} head importance"], tmp / "importance.png")
+        report = {
+            "method": cfg.method,
+            "task": cfg.task,
+            "model": location,
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
+            "metrics": metrics,
+            "best_eval_step": result.fit.best_step,
+            "params_total": info["params"],
+            "params_dense": dense["params"],
+            "layer_params": info["layer_params"],
+            "layer_params_kept": info["layer_params"] / dense_layer_params,
+            "trainable_params": result.trainable,
+            "heads": f"{info['heads']}/{dense['heads']}",
+            "neurons": f"{info['ffn']}/{dense['ffn']}",
+            "hidden": f"{info['hidden']}/{dense['hidden']}",
+            "train_time_s": result.fit.train_time_s,
+            "train_steps": result.fit.steps,
+            "peak_train_mem_mb": peak_train,
+            "peak_train_mem_how": memory.how,
+            "inference": _inference_timing(reloaded, dev_loader),
+            **result.extra,
+        }
+        report["summary"] = _summary(report)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (tmp / "report.md").write_text(report_markdown(report))
+        if adapter_dir is not None:
+            (adapter_dir / "README.md").write_text(
+                "PEFT LoRA adapter, unmerged. It only fits the pruned base it was trained on: load with "
+                "prunetune.adapters.load_adapter(base, dir), which checks prunetune_base.json.\n"
+            )
+    return report
+
+
+def _summary(r: dict) -> str:
+    m = r["metrics"]
+    others = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "main")
+    return (
+        f"{r['method']} on {r['task']}: {m['main']:.4f} ({others})"
+        f" | params {r['params_total']:,} ({r['layer_params_kept']:.0%} of layer params) | trainable "
+        f"{r['trainable_params']:,} | train {r['train_time_s']:.1f}s | peak train mem {r['peak_train_mem_mb']:.0f} MB"
+    )
+
+
+def report_markdown(r: dict) -> str:
+    rows = [
+        ("task metric (main)", f"{r['metrics']['main']:.4f}"),
+        *[(k, f"{v:.4f}") for k, v in r["metrics"].items() if k != "main"],
+        ("total parameters", f"{r['params_total']:,} (dense {r['params_dense']:,})"),
+        ("layer parameters kept", f"{r['layer_params_kept']:.1%}"),
+        ("trainable parameters", f"{r['trainable_params']:,}"),
+        ("heads kept", r["heads"]),
+        ("FFN neurons kept", r["neurons"]),
+        ("hidden size", r["hidden"]),
+        ("training time", f"{r['train_time_s']:.1f} s ({r['train_steps']} steps)"),
+        ("peak training memory", f"{r['peak_train_mem_mb']:.0f} MB — {r['peak_train_mem_how']}"),
+        ("dev inference", f"{r['inference']['ms_per_example']:.2f} ms/example"),
+    ]
+    body = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"# prunetune {r['method']} on {r['task']}\n\n| | |\n|---|---|\n{body}\n"
+
+
+def evaluate_export(path: str, task: str, *, data: str | None = None, max_length: int = 128, batch_size: int = 64,
+                    eval_limit: int | None = None, seed: int = 42) -> dict:
+    """Re-score an exported model on a task's dev set (the same data and metric as the run's report)."""
+    spec = get_task(task)
+    location = resolve(path)
+    model = load_for_task(location, "classify", spec.num_labels, spec.is_regression)
+    tokenizer = load_tokenizer(location)
+    dev = tokenize(load_split(spec, "dev", data, limit=eval_limit, seed=seed), tokenizer, max_length)
+    preds, labels = predict(model.to(pick_device()), make_loader(dev, tokenizer, batch_size, shuffle=False))
+    return compute_metrics(spec, preds, labels)
