@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (lora) / starting rank (apt)")
     p.add_argument("--rank-high", type=int, default=8)
     p.add_argument("--rank-low", type=int, default=4)
-    p.add_argument("--top-blocks", type=int, default=4, help="prune-lora: blocks given --rank-high")
+    p.add_argument("--top-blocks", type=int, default=None,
+                   help="prune-lora: blocks given --rank-high (default a third of them: 4 of BERT-base's 12)")
     p.add_argument("--heads-keep", type=float, default=None)
     p.add_argument("--neurons-keep", type=float, default=None)
     p.add_argument("--keep-params", type=float, default=None)

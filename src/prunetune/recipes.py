@@ -59,7 +59,7 @@ class FinetuneConfig:
     rank: int = 8  # lora: the rank; apt: the starting rank
     rank_high: int = 8  # prune-lora: rank of the top blocks
     rank_low: int = 4
-    top_blocks: int = 4
+    top_blocks: int | None = None  # default: a third of the blocks (the paper's 4 of BERT-base's 12)
     heads_keep: float | None = None  # prune-lora: default 100/144, the paper's setting
     neurons_keep: float | None = None
     keep_params: float | None = None  # lora-prune / apt target (default 0.4)
@@ -185,7 +185,9 @@ def _run_prune_lora(cfg, model, train_loader, evaluate, log_path, sample_loader)
     heads_keep = cfg.heads_keep if cfg.heads_keep is not None else 100 / 144
     plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.neurons_keep), layer_norm_heads=True)
     apply_plan(model, plan)
-    ranks = adapters.block_ranks(block_scores(scores), cfg.top_blocks, cfg.rank_high, cfg.rank_low)
+    blocks = block_scores(scores)
+    top = cfg.top_blocks if cfg.top_blocks is not None else max(1, round(len(blocks) / 3))
+    ranks = adapters.block_ranks(blocks, top, cfg.rank_high, cfg.rank_low)
     peft_model = adapters.apply_lora(model, rank=cfg.rank_low, block_rank=ranks)
     _, trainable = adapters.count_parameters(peft_model)
     res = fit(peft_model, train_loader, evaluate, _train_config(cfg, log_path))

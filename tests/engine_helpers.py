@@ -1,0 +1,95 @@
+"""Shared pieces of the engine tests: hand-written plans per family, masks equal to a plan, labelled batches."""
+
+from __future__ import annotations
+
+import torch
+
+from prunetune.families import hidden_size, layer_sites
+from prunetune.masks import Masks
+from prunetune.plan import PruningPlan
+
+# Heads kept per attention site. Layer 1 of every stack loses all its heads; T5's layer 0 (which owns the
+# relative position bias) keeps a subset, and the decoder's cross-attention is pruned differently.
+# LLaMA (6 query heads, 2 KV heads, so groups {0,1,2} and {3,4,5}): equal query heads per KV group.
+HEADS: dict[str, dict[str, list[int]]] = {
+    "bert": {"encoder.0/self": [1, 3], "encoder.1/self": [], "encoder.2/self": [0, 1, 2]},
+    "t5": {
+        "encoder.0/self": [0, 2],
+        "encoder.1/self": [],
+        "encoder.2/self": [1, 2, 3],
+        "decoder.0/self": [3],
+        "decoder.1/self": [],
+        "decoder.0/cross": [0, 1],
+        "decoder.1/cross": [2],
+    },
+    "llama": {"decoder.0/self": [0, 2, 3, 5], "decoder.1/self": [], "decoder.2/self": [1, 4]},
+}
+HEADS["roberta"] = HEADS["bert"]
+
+# LLaMA, whole KV groups: layer 0 keeps group 1, layer 1 group 0, layer 2 nothing.
+LLAMA_WHOLE_GROUPS = {"decoder.0/self": [3, 4, 5], "decoder.1/self": [0, 1, 2], "decoder.2/self": []}
+
+
+def neuron_plan(model) -> dict[str, list[int]]:
+    """Every third layer (1, 4, ...) loses all its FFN neurons; the others keep every third one."""
+    out = {}
+    for i, lay in enumerate(layer_sites(model)):
+        out[lay.key] = [] if i % 3 == 1 else list(range(i % 2, lay.ffn.width, 3))
+    return out
+
+
+def hidden_plan(model, seed: int = 0) -> list[int]:
+    """A seeded, scattered half of the hidden dims."""
+    d = hidden_size(model)
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(d, generator=g)[: d // 2].tolist())
+
+
+def make_plan(family: str, model, kind: str) -> PruningPlan:
+    """A plan of one kind ("heads", "neurons", "hidden") or all three ("all") for a tiny model."""
+    plan = PruningPlan(family)
+    if kind in ("heads", "all"):
+        plan.heads = {k: list(v) for k, v in HEADS[family].items()}
+    if kind in ("neurons", "all"):
+        plan.neurons = neuron_plan(model)
+    if kind in ("hidden", "all"):
+        plan.hidden = hidden_plan(model)
+    return plan
+
+
+def masks_for(model, plan: PruningPlan) -> Masks:
+    """0/1 masks that switch off exactly what the plan removes."""
+    masks = Masks.ones(model, hidden=plan.hidden is not None)
+
+    def keep(ones: torch.Tensor, kept: list[int]) -> torch.Tensor:
+        out = torch.zeros_like(ones)
+        out[kept] = 1.0
+        return out
+
+    masks.heads = {k: keep(v, plan.heads[k]) if k in plan.heads else v for k, v in masks.heads.items()}
+    masks.neurons = {k: keep(v, plan.neurons[k]) if k in plan.neurons else v for k, v in masks.neurons.items()}
+    if plan.hidden is not None:
+        masks.hidden = keep(masks.hidden, plan.hidden)
+    return masks
+
+
+def labelled_batches(family: str, n: int = 2) -> list[dict]:
+    """Small labelled batches for each family's loss (classification, seq2seq or causal LM)."""
+    from conftest import tiny_inputs
+
+    out = []
+    for seed in range(n):
+        batch = tiny_inputs(family, seed=seed + 10)
+        if family in ("bert", "roberta"):
+            batch["labels"] = torch.tensor([0, 1, 1])
+        elif family == "t5":
+            batch["labels"] = batch.pop("decoder_input_ids")
+        else:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        out.append(batch)
+    return out
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
