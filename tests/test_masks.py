@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits, tiny_inputs, tiny_model
-from engine_helpers import make_plan, masks_for, max_diff
+from conftest import logits, tiny_inputs
+from engine_helpers import make_plan, masks_for, max_diff, tiny
 
 from prunetune.families import hidden_size, layer_sites
 from prunetune.masks import Masks, attach
@@ -13,7 +13,7 @@ from prunetune.masks import Masks, attach
 
 @pytest.mark.parametrize("which", ["heads", "neurons", "hidden", "all"])
 def test_all_ones_masks_are_identity(family, which):
-    model = tiny_model(family)
+    model = tiny(family)
     inputs = tiny_inputs(family)
     dense = logits(model, inputs)
     masks = Masks.ones(
@@ -26,7 +26,7 @@ def test_all_ones_masks_are_identity(family, which):
 
 
 def test_masks_cover_the_live_shapes(family):
-    model = tiny_model(family)
+    model = tiny(family)
     masks = Masks.ones(model, hidden=True)
     layers = layer_sites(model)
     sites = [s for lay in layers for s in lay.attentions.values()]
@@ -37,7 +37,7 @@ def test_masks_cover_the_live_shapes(family):
 
 
 def test_masks_are_removable(family):
-    model = tiny_model(family)
+    model = tiny(family)
     inputs = tiny_inputs(family)
     dense = logits(model, inputs)
     handle = attach(model, masks_for(model, make_plan(family, model, "all")))
@@ -51,7 +51,7 @@ def test_masks_are_removable(family):
 
 
 def test_mask_context_manager_removes_hooks(family):
-    model = tiny_model(family)
+    model = tiny(family)
     inputs = tiny_inputs(family)
     dense = logits(model, inputs)
     with attach(model, masks_for(model, make_plan(family, model, "heads"))):
@@ -60,7 +60,7 @@ def test_mask_context_manager_removes_hooks(family):
 
 
 def test_every_mask_entry_gets_a_gradient(family):
-    model = tiny_model(family)
+    model = tiny(family)
     inputs = tiny_inputs(family)
     masks = Masks.ones(model, hidden=True, requires_grad=True)
     with attach(model, masks):
@@ -81,7 +81,7 @@ def test_every_mask_entry_gets_a_gradient(family):
 
 def test_zero_head_mask_equals_zeroed_output_projection(family):
     """A head mask of 0 is the same as cutting that head's columns from the output projection."""
-    model = tiny_model(family)
+    model = tiny(family)
     inputs = tiny_inputs(family)
     site = next(s for lay in layer_sites(model) for s in lay.attentions.values())
     masks = Masks.ones(model, neurons=False)

@@ -271,15 +271,18 @@ def measure_inference(
     meter.reset_peak()
     inputs = _random_inputs(model.config, batch_size, seq_len, device, seed)
 
-    times = []
+    times, shares = [], []
     with meter, torch.inference_mode():
         for i in range(warmup + repeats):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             model(**inputs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            wall = time.perf_counter() - t0
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(wall)
+                # a pass that got less than its threads' worth of CPU shared the cores with another process
+                shares.append((time.process_time() - c0) / (wall * threads))
     param = next(model.parameters())
     return {
         "latency_s_median": statistics.median(times),
@@ -289,6 +292,7 @@ def measure_inference(
         "load_peak_mem_mb": load_peak,
         "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / _MB,
         "mem_exact": meter.exact,
+        "cpu_share": statistics.median(shares) if device.type == "cpu" else None,
         "params": sum(p.numel() for p in model.parameters()),
         "layer_params": _layer_params(model),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -300,34 +304,55 @@ def measure_inference(
     }
 
 
-def compare_inference(dirs: dict[str, str], *, rounds: int = 3, timeout: float | None = None, **kw) -> dict:
+def _uncontended(run: dict, min_cpu_share: float) -> bool:
+    return run.get("cpu_share") is None or run["cpu_share"] >= min_cpu_share
+
+
+def compare_inference(
+    dirs: dict[str, str],
+    *,
+    rounds: int = 3,
+    max_rounds: int | None = None,
+    min_cpu_share: float = 0.9,
+    timeout: float | None = None,
+    **kw,
+) -> dict:
     """Measure each model in its own fresh process, interleaved over `rounds`; ratios relative to the first.
 
-    CPU speed drifts (other tenants, frequency, caches), so the models take turns, in alternating order, and
-    each keeps its best per-round median latency. Memory is the median over the rounds. `kw` goes to
+    CPU speed drifts (other processes, frequency, caches), so the models take turns, in alternating order, and
+    each keeps its best per-round median latency among the runs that had the CPU to themselves (median CPU
+    share >= `min_cpu_share` of their threads); up to `max_rounds`, the models without such a run are measured
+    again. A model with none is flagged `contended`. Memory is the median over all rounds. `kw` goes to
     :func:`measure_inference`.
     """
     if not dirs:
         raise ValueError("no models to compare")
     names = list(dirs)
     runs: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
+    for r in range(max(rounds, max_rounds or 0)):
+        todo = names if r < rounds else [n for n in names if not any(_uncontended(x, min_cpu_share) for x in runs[n])]
+        if not todo:
+            break
+        for name in todo if r % 2 == 0 else reversed(todo):
             runs[name].append(
                 run_isolated("prunetune.bench:measure_inference", {"model_dir": str(dirs[name]), **kw}, timeout)
             )
     results = {}
     for name in names:
-        best = dict(min(runs[name], key=lambda res: res["latency_s_median"]))
-        best["latency_s_median_rounds"] = [res["latency_s_median"] for res in runs[name]]
-        best["peak_mem_mb_rounds"] = [res["peak_mem_mb"] for res in runs[name]]
+        clean = [x for x in runs[name] if _uncontended(x, min_cpu_share)]
+        best = dict(min(clean or runs[name], key=lambda x: x["latency_s_median"]))
+        best["contended"] = not clean
+        best["latency_s_median_rounds"] = [x["latency_s_median"] for x in runs[name]]
+        best["cpu_share_rounds"] = [x["cpu_share"] for x in runs[name]]
+        best["peak_mem_mb_rounds"] = [x["peak_mem_mb"] for x in runs[name]]
         best["peak_mem_mb"] = statistics.median(best["peak_mem_mb_rounds"])
-        best["latency_s_min"] = min(res["latency_s_min"] for res in runs[name])
-        best["rounds"] = rounds
+        best["latency_s_min"] = min(x["latency_s_min"] for x in runs[name])
+        best["rounds"] = len(runs[name])
         results[name] = best
     ref = results[names[0]]
     for res in results.values():
         res["latency_ratio"] = res["latency_s_median"] / ref["latency_s_median"]
+        res["latency_ratio_min"] = res["latency_s_min"] / ref["latency_s_min"]
         res["mem_ratio"] = res["peak_mem_mb"] / ref["peak_mem_mb"] if ref["peak_mem_mb"] else None
         res["params_ratio"] = res["params"] / ref["params"]
     return results

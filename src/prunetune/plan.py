@@ -165,6 +165,9 @@ class Unit:
     ids: list[int]
     score: float
     cost: float
+    # a unit that must be kept for this one to be kept (GQA per-group slices keep their rank order, which
+    # makes their costs add up exactly: see _head_units); compared by identity, so excluded from ==
+    after: Unit | None = field(default=None, compare=False, repr=False)
 
 
 def _head_costs(site, hidden_scale: float, flops_seq: int | None) -> tuple[float, float]:
@@ -271,13 +274,18 @@ def _head_units(model, scores, budget: Budget, hidden_scale: float, flops_seq, l
                     units.append(Unit("heads", site.key, grp, sum(s[h] for h in grp), g * per_q + per_kv))
             else:
                 # slice r takes the r-th best query head of every group: groups stay equal in size.
-                # The KV rows are spread over the slices so a layer's slices keep their rank order;
-                # they are only freed when every slice goes.
+                # The KV rows are only freed when every slice goes, so the first slice carries them and
+                # slice r can only be kept after slice r - 1: the costs of kept slices then add up exactly.
+                # (They used to be spread evenly over the slices, which under-counted any layer keeping
+                # some but not all slices: --keep-flops plans exceeded their budget, and --keep-params
+                # plans fell far below it once the correction loop below dropped units to compensate.)
                 ranked = [sorted(grp, key=lambda h: -s[h]) for grp in groups]
-                cost = len(groups) * (per_q + per_kv / g)
+                before = None
                 for r in range(g):
                     ids = sorted(rk[r] for rk in ranked)
-                    units.append(Unit("heads", site.key, ids, sum(s[h] for h in ids), cost))
+                    cost = len(groups) * (per_q + (per_kv if r == 0 else 0.0))
+                    before = Unit("heads", site.key, ids, sum(s[h] for h in ids), cost, after=before)
+                    units.append(before)
     return units
 
 
@@ -323,11 +331,25 @@ def _normalise_kind(units: list[Unit]) -> None:
 def _knapsack(units: list[Unit], capacity: float, required: list[Unit]) -> list[Unit]:
     """Greedy by score per cost; units of a layer stay in their rank order (APT's and Kwon's selection)."""
     chosen = list(required)
+    taken = {id(u) for u in chosen}
     spent = sum(u.cost for u in chosen)
+    waiting: dict[int, list[Unit]] = {}  # units whose `after` unit is not taken yet, by that unit
+
+    def take(u: Unit) -> None:
+        nonlocal spent
+        chosen.append(u)
+        taken.add(id(u))
+        spent += u.cost
+        # a unit that came earlier in the order (better ratio) but had to wait for this one
+        for nxt in waiting.pop(id(u), []):
+            if spent + nxt.cost <= capacity + 1e-6:
+                take(nxt)
+
     for u in sorted(units, key=lambda u: -(u.score / u.cost if u.cost else math.inf)):
-        if spent + u.cost <= capacity + 1e-6:
-            chosen.append(u)
-            spent += u.cost
+        if u.after is not None and id(u.after) not in taken:
+            waiting.setdefault(id(u.after), []).append(u)
+        elif spent + u.cost <= capacity + 1e-6:
+            take(u)
     return chosen
 
 

@@ -20,17 +20,15 @@ from pathlib import Path
 
 from torch import nn
 
-from prunetune import adapters
-from prunetune.data import get_task, load_split, make_loader, tokenize
+from prunetune import adapters, tasks
+from prunetune.data import check_tokenizer
 from prunetune.errors import PrunetuneError
 from prunetune.export import atomic_dir, save_compact
 from prunetune.importance import Scores, compute, heatmap
-from prunetune.metrics import compute_metrics
-from prunetune.models import load_for_task, load_tokenizer, resolve
-from prunetune.pipeline import load_task_model
+from prunetune.models import load_tokenizer, resolve
 from prunetune.plan import Budget, layer_param_count, model_info, select
 from prunetune.surgery import apply_plan
-from prunetune.train import FitResult, TrainConfig, fit, pick_device, predict
+from prunetune.train import FitResult, TrainConfig, fit, pick_device
 
 METHODS = ("full", "lora", "prune-lora", "lora-prune", "apt")
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "prune-lora": 5e-4, "lora-prune": 5e-4, "apt": 5e-4}
@@ -76,7 +74,7 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     def check(self) -> None:
-        get_task(self.task)
+        tasks.get(self.task)
         if self.method not in METHODS:
             raise PrunetuneError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         for name in ("rank", "rank_high", "rank_low", "batch_size", "grad_accum"):
@@ -117,20 +115,6 @@ class MemoryBaseline:
         if self.device.type == "cuda":
             return "torch.cuda.max_memory_allocated over the run"
         return "process peak resident memory (ru_maxrss) above the level just before the model was loaded"
-
-
-def _loaders(cfg: FinetuneConfig, tokenizer):
-    spec = get_task(cfg.task)
-    train = tokenize(load_split(spec, "train", cfg.data, limit=cfg.train_limit, seed=cfg.seed), tokenizer,
-                     cfg.max_length)
-    dev = tokenize(load_split(spec, "dev", cfg.data, limit=cfg.eval_limit, seed=cfg.seed), tokenizer, cfg.max_length)
-    if len(train) == 0 or len(dev) == 0:
-        raise PrunetuneError("the task data set is empty")
-    train_loader = make_loader(train, tokenizer, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    dev_loader = make_loader(dev, tokenizer, 64, shuffle=False)
-    sample = tokenize(load_split(spec, "train", cfg.data, limit=cfg.samples, seed=cfg.seed), tokenizer, cfg.max_length)
-    sample_loader = make_loader(sample, tokenizer, 16, shuffle=False)
-    return train_loader, dev_loader, sample_loader
 
 
 def _train_config(cfg: FinetuneConfig, log_path: Path, epochs: float | None = None, lr: float | None = None):
@@ -225,11 +209,12 @@ RUNNERS = {
 }
 
 
-def _inference_timing(model: nn.Module, loader) -> dict:
+def _inference_timing(task, model: nn.Module, loader) -> dict:
     t0 = time.perf_counter()
-    preds, _ = predict(model, loader)
+    task.evaluate(model, loader)
     dt = time.perf_counter() - t0
-    return {"dev_inference_s": dt, "dev_examples": int(len(preds)), "ms_per_example": 1000 * dt / max(1, len(preds))}
+    n = len(loader.dataset)
+    return {"dev_inference_s": dt, "dev_examples": n, "ms_per_example": 1000 * dt / max(1, n)}
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -238,15 +223,20 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise PrunetuneError(f"output directory {out} already holds a run (use --overwrite to replace it)")
-    spec = get_task(cfg.task)
+    task = tasks.get(cfg.task)
     memory = MemoryBaseline()  # before the model is loaded: the libraries' fixed cost is not counted
-    model, tokenizer, location = load_task_model(cfg.model, cfg.task)
+    location = resolve(cfg.model)
+    tokenizer = load_tokenizer(location)
+    model = task.load_model(location)
+    check_tokenizer(tokenizer, model.config)
     dense = model_info(model)
     dense_layer_params = layer_param_count(model)
-    train_loader, dev_loader, sample_loader = _loaders(cfg, tokenizer)
+    loaders = task.loaders(tokenizer, data=cfg.data, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
+                           samples=cfg.samples, max_length=cfg.max_length, batch_size=cfg.batch_size, seed=cfg.seed)
+    train_loader, dev_loader, sample_loader = loaders.train, loaders.dev, loaders.sample
 
     def evaluate(m: nn.Module) -> dict:
-        return compute_metrics(spec, *predict(m, dev_loader))
+        return task.evaluate(m, dev_loader)
 
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         log_path = tmp / "metrics.jsonl"
@@ -259,7 +249,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         merged = adapters.merge(result.model)
         save_compact(merged, tmp / "model", tokenizer)
         # the report's metric comes from the exported model as `prunetune evaluate` will load it
-        reloaded = load_for_task(str(tmp / "model"), "classify", spec.num_labels, spec.is_regression)
+        reloaded = task.load_model(str(tmp / "model"))
         metrics = evaluate(reloaded)
         info = model_info(reloaded)
         if result.scores is not None:
@@ -284,7 +274,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "train_steps": result.fit.steps,
             "peak_train_mem_mb": peak_train,
             "peak_train_mem_how": memory.how,
-            "inference": _inference_timing(reloaded, dev_loader),
+            "inference": _inference_timing(task, reloaded, dev_loader),
             **result.extra,
         }
         report["summary"] = _summary(report)
@@ -329,10 +319,10 @@ def report_markdown(r: dict) -> str:
 def evaluate_export(path: str, task: str, *, data: str | None = None, max_length: int = 128, batch_size: int = 64,
                     eval_limit: int | None = None, seed: int = 42) -> dict:
     """Re-score an exported model on a task's dev set (the same data and metric as the run's report)."""
-    spec = get_task(task)
+    the_task = tasks.get(task)
     location = resolve(path)
-    model = load_for_task(location, "classify", spec.num_labels, spec.is_regression)
     tokenizer = load_tokenizer(location)
-    dev = tokenize(load_split(spec, "dev", data, limit=eval_limit, seed=seed), tokenizer, max_length)
-    preds, labels = predict(model.to(pick_device()), make_loader(dev, tokenizer, batch_size, shuffle=False))
-    return compute_metrics(spec, preds, labels)
+    model = the_task.load_model(location).to(pick_device())
+    loaders = the_task.loaders(tokenizer, data=data, train_limit=None, eval_limit=eval_limit, samples=1,
+                               max_length=max_length, batch_size=batch_size, seed=seed)
+    return the_task.evaluate(model, loaders.dev)

@@ -1,0 +1,84 @@
+"""Tasks as the recipes see them: which head to load, which batches to train on, how to score.
+
+Two kinds today: GLUE classification/regression (data.py, metrics.py) and instruction tuning of a causal
+LM scored by held-out perplexity (instruct.py). Extractive QA and seq2seq summarisation plug in here
+the same way: a class with `load_model`, `loaders` and `evaluate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+from prunetune.data import get_task, load_split, make_loader, tokenize
+from prunetune.errors import PrunetuneError
+from prunetune.metrics import compute_metrics
+from prunetune.models import load_for_task
+from prunetune.train import predict
+
+
+@dataclass
+class Loaders:
+    """Training batches, evaluation batches, and the small sample importance is scored on."""
+
+    train: object
+    dev: object
+    sample: object
+
+
+class Task(Protocol):
+    name: str
+    main_metric: str
+    maximize: bool
+
+    def load_model(self, location: str) -> nn.Module: ...
+
+    def loaders(
+        self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed
+    ) -> Loaders: ...
+
+    def evaluate(self, model: nn.Module, loader) -> dict: ...
+
+
+class GlueTask:
+    """A GLUE task: sequence classification (or regression for STS-B), scored with GLUE's metrics."""
+
+    main_metric = "main"
+    maximize = True
+
+    def __init__(self, name: str):
+        self.spec = get_task(name)
+        self.name = self.spec.name
+
+    def load_model(self, location: str) -> nn.Module:
+        return load_for_task(location, "classify", self.spec.num_labels, self.spec.is_regression)
+
+    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
+        def split(name: str, limit: int | None):
+            ds = tokenize(load_split(self.spec, name, data, limit=limit, seed=seed), tokenizer, max_length)
+            if len(ds) == 0:
+                raise PrunetuneError(f"the {name} split of {self.name} is empty")
+            return ds
+
+        return Loaders(
+            train=make_loader(split("train", train_limit), tokenizer, batch_size, shuffle=True, seed=seed),
+            dev=make_loader(split("dev", eval_limit), tokenizer, 64, shuffle=False),
+            sample=make_loader(split("train", samples), tokenizer, 16, shuffle=False),
+        )
+
+    def evaluate(self, model: nn.Module, loader) -> dict:
+        return compute_metrics(self.spec, *predict(model, loader))
+
+
+INSTRUCT_NAMES = ("instruct", "alpaca")
+
+
+def get(name: str) -> Task:
+    """The task object for a task name (GLUE names, or 'instruct' for instruction tuning)."""
+    if name in INSTRUCT_NAMES:
+        from prunetune.instruct import InstructTask
+
+        return InstructTask(name)
+    return GlueTask(name)
