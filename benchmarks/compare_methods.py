@@ -25,7 +25,11 @@ from pathlib import Path
 from prunetune.bench import compare_inference, machine_description
 
 
-def run_method(method: str, args, out: Path) -> dict:
+VARIANTS = {"apt-nodistill": ("apt", ["--no-distill"])}  # extra rows: a method with other flags
+
+
+def run_method(name: str, args, out: Path) -> dict:
+    method, extra = VARIANTS.get(name, (name, []))
     cmd = [
         sys.executable, "-m", "prunetune.cli", "finetune", "--task", "sst2", "--method", method,
         "--out", str(out), "--overwrite", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -39,11 +43,14 @@ def run_method(method: str, args, out: Path) -> dict:
         cmd += ["--keep-params", str(args.keep_params)]
     if method == "prune-lora" and args.neurons_keep:
         cmd += ["--neurons-keep", str(args.neurons_keep)]
+    if method == "apt" and args.apt_eval_every:
+        cmd += ["--eval-every", str(args.apt_eval_every)]  # the self-distillation teacher is the best eval so far
+    cmd += extra
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    print(f"== {method}: {' '.join(cmd[3:])}", flush=True)
+    print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     print(proc.stdout.strip().splitlines()[-1], flush=True)
     return json.loads((out / "report.json").read_text())
 
@@ -81,6 +88,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--keep-params", type=float, default=0.4)
     p.add_argument("--neurons-keep", type=float, default=None, help="prune-lora: also prune FFN neurons")
+    p.add_argument("--apt-eval-every", type=int, default=0, help="apt: evaluate every N steps")
     p.add_argument("--latency-batch", type=int, default=32)
     p.add_argument("--latency-seq", type=int, default=128)
     args = p.parse_args()

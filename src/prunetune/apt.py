@@ -77,6 +77,34 @@ class Timeline:
         })
 
 
+def plot_timeline(rows: list[dict], evals: list[dict], path) -> None:
+    """Parameters, heads, neurons and total LoRA rank at each pruning step, and the metric over training (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [r["step"] for r in rows]
+    base = rows[0]
+    for key, label in (("layer_params", "layer params"), ("heads", "heads"), ("neurons", "FFN neurons"),
+                       ("lora_rank_total", "LoRA rank (sum)")):
+        ax1.plot(steps, [r[key] / max(base[key], 1) for r in rows], marker="o", label=label)
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("relative to the start")
+    ax1.legend(fontsize=8)
+    ax1.set_title("pruning timeline")
+    if evals:
+        metric = "perplexity" if "perplexity" in evals[0] else "main"
+        ax2.plot([e["step"] for e in evals], [e[metric] for e in evals], marker="o")
+        ax2.set_xlabel("optimizer step")
+        ax2.set_ylabel(metric)
+        ax2.set_title("evaluation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 class SelfDistiller:
     """Teacher = the student at its best evaluation, sharing every frozen weight (no second backbone).
 

@@ -99,6 +99,7 @@ class InstructTask:
 
     main_metric = "main"  # -perplexity, so that higher is better like every other task
     maximize = True
+    auto_class = "AutoModelForCausalLM"
 
     def __init__(self, name: str = "instruct", held_out: float = 0.1):
         self.name = name

@@ -217,6 +217,25 @@ def _inference_timing(task, model: nn.Module, loader) -> dict:
     return {"dev_inference_s": dt, "dev_examples": n, "ms_per_example": 1000 * dt / max(1, n)}
 
 
+def _isolated_inference(task, model_dir: Path, cfg: FinetuneConfig) -> dict:
+    """Latency and peak memory at a fixed batch in a fresh process (only there is a CPU peak honest)."""
+    from prunetune.bench import run_isolated
+
+    kw = {
+        "model_dir": str(model_dir),
+        "batch_size": 32,
+        "seq_len": cfg.max_length,
+        "repeats": 3,
+        "auto_class": task.auto_class,
+    }
+    res = run_isolated("prunetune.bench:measure_inference", kw, timeout=600)
+    return {
+        "batch32_latency_s": res["latency_s_median"],
+        "batch32_peak_mem_mb": res["peak_mem_mb"],
+        "batch32_seq_len": cfg.max_length,
+    }
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one method end to end and write DIR/model, DIR/adapter, DIR/report.{json,md}, logs and scores."""
     cfg.check()
@@ -231,8 +250,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
     check_tokenizer(tokenizer, model.config)
     dense = model_info(model)
     dense_layer_params = layer_param_count(model)
-    loaders = task.loaders(tokenizer, data=cfg.data, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit,
-                           samples=cfg.samples, max_length=cfg.max_length, batch_size=cfg.batch_size, seed=cfg.seed)
+    loaders = task.loaders(
+        tokenizer,
+        data=cfg.data,
+        train_limit=cfg.train_limit,
+        eval_limit=cfg.eval_limit,
+        samples=cfg.samples,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
     train_loader, dev_loader, sample_loader = loaders.train, loaders.dev, loaders.sample
 
     def evaluate(m: nn.Module) -> dict:
@@ -252,6 +279,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         reloaded = task.load_model(str(tmp / "model"))
         metrics = evaluate(reloaded)
         info = model_info(reloaded)
+        if "timeline" in result.extra:
+            from prunetune.apt import plot_timeline
+
+            plot_timeline(result.extra["timeline"], result.extra.get("eval_history", []), tmp / "timeline.png")
         if result.scores is not None:
             result.scores.save(tmp / "importance.json")
             heatmap([result.scores], [f"{cfg.task} head importance"], tmp / "importance.png")
@@ -274,7 +305,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "train_steps": result.fit.steps,
             "peak_train_mem_mb": peak_train,
             "peak_train_mem_how": memory.how,
-            "inference": _inference_timing(task, reloaded, dev_loader),
+            "inference": {
+                **_inference_timing(task, reloaded, dev_loader),
+                **_isolated_inference(task, tmp / "model", cfg),
+            },
             **result.extra,
         }
         report["summary"] = _summary(report)
@@ -311,18 +345,39 @@ def report_markdown(r: dict) -> str:
         ("training time", f"{r['train_time_s']:.1f} s ({r['train_steps']} steps)"),
         ("peak training memory", f"{r['peak_train_mem_mb']:.0f} MB — {r['peak_train_mem_how']}"),
         ("dev inference", f"{r['inference']['ms_per_example']:.2f} ms/example"),
+        (
+            "inference, batch 32",
+            f"{1000 * r['inference']['batch32_latency_s']:.0f} ms, peak "
+            f"{r['inference']['batch32_peak_mem_mb']:.0f} MB (fresh process)",
+        ),
     ]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"# prunetune {r['method']} on {r['task']}\n\n| | |\n|---|---|\n{body}\n"
 
 
-def evaluate_export(path: str, task: str, *, data: str | None = None, max_length: int = 128, batch_size: int = 64,
-                    eval_limit: int | None = None, seed: int = 42) -> dict:
+def evaluate_export(
+    path: str,
+    task: str,
+    *,
+    data: str | None = None,
+    max_length: int = 128,
+    batch_size: int = 64,
+    eval_limit: int | None = None,
+    seed: int = 42,
+) -> dict:
     """Re-score an exported model on a task's dev set (the same data and metric as the run's report)."""
     the_task = tasks.get(task)
     location = resolve(path)
     tokenizer = load_tokenizer(location)
     model = the_task.load_model(location).to(pick_device())
-    loaders = the_task.loaders(tokenizer, data=data, train_limit=None, eval_limit=eval_limit, samples=1,
-                               max_length=max_length, batch_size=batch_size, seed=seed)
+    loaders = the_task.loaders(
+        tokenizer,
+        data=data,
+        train_limit=None,
+        eval_limit=eval_limit,
+        samples=1,
+        max_length=max_length,
+        batch_size=batch_size,
+        seed=seed,
+    )
     return the_task.evaluate(model, loaders.dev)

@@ -32,6 +32,7 @@ class Task(Protocol):
     name: str
     main_metric: str
     maximize: bool
+    auto_class: str  # the stock Auto class an export of this task loads with
 
     def load_model(self, location: str) -> nn.Module: ...
 
@@ -47,6 +48,7 @@ class GlueTask:
 
     main_metric = "main"
     maximize = True
+    auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, name: str):
         self.spec = get_task(name)

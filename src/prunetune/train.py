@@ -175,7 +175,7 @@ def fit(
                     time.perf_counter() - start
                 )
                 bar.update(1)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}")
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", ex_per_s=f"{entry['examples_per_s']:.1f}")
                 if step % eval_every == 0 or step == total:
                     model.eval()
                     metrics = evaluate(model)
