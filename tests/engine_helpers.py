@@ -84,6 +84,19 @@ def make_plan(family: str, model, kind: str) -> PruningPlan:
     return plan
 
 
+def second_plan(pruned, family: str) -> PruningPlan:
+    """A further plan relative to an already pruned model (GQA-valid: first query head of every group)."""
+    plan = PruningPlan(family)
+    for lay in layer_sites(pruned):
+        for site in lay.attentions.values():
+            n, g = site.num_heads, site.group_size
+            if n:
+                plan.heads[site.key] = list(range(0, n, g)) if site.spec.kv_groups_attr else list(range(1, n))
+        plan.neurons[lay.key] = list(range(0, lay.ffn.width, 2))
+    plan.hidden = list(range(1, hidden_size(pruned), 2))
+    return plan
+
+
 def masks_for(model, plan: PruningPlan) -> Masks:
     """0/1 masks that switch off exactly what the plan removes."""
     masks = Masks.ones(model, hidden=plan.hidden is not None)

@@ -11,8 +11,7 @@ import pytest
 import torch
 import transformers
 from conftest import logits, tiny_inputs
-from engine_helpers import make_plan, max_diff, tiny
-from test_plan import second_plan
+from engine_helpers import make_plan, max_diff, second_plan, tiny
 
 from prunetune.errors import PrunetuneError
 from prunetune.export import load_compact, save_compact

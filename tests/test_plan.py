@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import FAMILIES, logits, tiny_inputs
-from engine_helpers import make_plan, tiny
+from engine_helpers import make_plan, second_plan, tiny
 
 from prunetune.errors import PrunetuneError
 from prunetune.families import hidden_size, layer_sites
@@ -96,19 +96,6 @@ def test_identity_plan_changes_nothing(family):
     apply_plan(model, PruningPlan.identity(model))
     assert layer_param_count(model) == params
     torch.testing.assert_close(logits(model, inputs), dense, atol=0, rtol=0)
-
-
-def second_plan(pruned, family: str) -> PruningPlan:
-    """A further plan relative to an already pruned model (GQA-valid: first query head of every group)."""
-    plan = PruningPlan(family)
-    for lay in layer_sites(pruned):
-        for site in lay.attentions.values():
-            n, g = site.num_heads, site.group_size
-            if n:
-                plan.heads[site.key] = list(range(0, n, g)) if site.spec.kv_groups_attr else list(range(1, n))
-        plan.neurons[lay.key] = list(range(0, lay.ffn.width, 2))
-    plan.hidden = list(range(1, hidden_size(pruned), 2))
-    return plan
 
 
 def test_compose_equals_successive_application(family):

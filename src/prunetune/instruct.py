@@ -108,25 +108,33 @@ class InstructTask:
     def load_model(self, location: str) -> nn.Module:
         return load_for_task(location, "causal")
 
-    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
+    def _split(self, tokenizer, data, eval_limit: int | None, seed: int) -> tuple[list[dict], list[dict]]:
+        """(train, held-out) records: a seeded shuffle, the first `eval_limit` (default 10%) held out."""
         if data is None:
             raise PrunetuneError("instruction tuning needs --data (a JSON/JSONL of instruction/input/output records)")
         rows = read_records(data)
         random.Random(seed).shuffle(rows)
         n_eval = eval_limit or max(1, int(self.held_out * len(rows)))
-        dev_rows, train_rows = rows[:n_eval], rows[n_eval:]
-        if train_limit:
-            train_rows = train_rows[:train_limit]
-        if not train_rows:
+        if len(rows) <= n_eval:
             raise PrunetuneError("no training records left after holding out the evaluation set")
+        return rows[n_eval:], rows[:n_eval]
+
+    def _loader(self, tokenizer, rows: list[dict], max_length: int, batch_size: int, seed: int | None = None):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        enc = [encode(tokenizer, r, max_length) for r in train_rows]
-        gen = torch.Generator().manual_seed(seed)
+        enc = [encode(tokenizer, r, max_length) for r in rows]
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return DataLoader(enc, batch_size=batch_size, shuffle=seed is not None, collate_fn=collate(pad), generator=gen)
+
+    def sample_loader(self, tokenizer, *, data, samples: int, max_length: int, seed: int, batch_size: int = 4):
+        train, _ = self._split(tokenizer, data, None, seed)
+        return self._loader(tokenizer, train[:samples], max_length, batch_size)
+
+    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
+        train, dev = self._split(tokenizer, data, eval_limit, seed)
         return Loaders(
-            train=DataLoader(enc, batch_size=batch_size, shuffle=True, collate_fn=collate(pad), generator=gen),
-            dev=DataLoader([encode(tokenizer, r, max_length) for r in dev_rows], batch_size=batch_size,
-                           collate_fn=collate(pad)),
-            sample=DataLoader(enc[: samples or len(enc)], batch_size=max(1, batch_size // 2), collate_fn=collate(pad)),
+            train=self._loader(tokenizer, train[:train_limit] if train_limit else train, max_length, batch_size, seed),
+            dev=self._loader(tokenizer, dev, max_length, batch_size),
+            sample=self._loader(tokenizer, train[:samples], max_length, max(1, batch_size // 2)),
         )
 
     def evaluate(self, model: nn.Module, loader) -> dict:

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from prunetune import models
-from prunetune.data import check_tokenizer, get_task, load_split, make_loader, tokenize
+from prunetune import models, tasks
+from prunetune.data import check_tokenizer
 from prunetune.errors import PrunetuneError
 from prunetune.export import atomic_dir, save_compact
 from prunetune.importance import Scores, compute, heatmap, rank_correlation
 from prunetune.plan import Budget, PruningPlan, layer_param_count, model_info, select
 from prunetune.surgery import apply_plan
-
-
-@dataclass
-class TaskData:
-    """A tokenised task sample ready for scoring or training."""
-
-    task: str
-    loader: object
-    tokenizer: object
 
 
 def model_kind(location: str) -> str:
@@ -44,28 +34,19 @@ def load_task_model(model: str | None, task: str | None) -> tuple[nn.Module, obj
     """The model (with the task's head when a task is given), its tokenizer and its location."""
     location = models.resolve(model)
     tokenizer = models.load_tokenizer(location)
-    if task:
-        spec = get_task(task)
-        net = models.load_for_task(location, "classify", spec.num_labels, spec.is_regression)
-    else:
-        net = models.load_for_task(location, model_kind(location))
+    net = tasks.get(task).load_model(location) if task else models.load_for_task(location, model_kind(location))
     check_tokenizer(tokenizer, net.config)
     return net.eval(), tokenizer, location
 
 
-def sample_batches(
-    tokenizer, task: str, data: str | None, samples: int, *, split: str = "train", max_length: int = 128,
-    batch_size: int = 16, seed: int = 0,
-):
+def sample_batches(tokenizer, task: str, data: str | None, samples: int, *, max_length: int = 128, seed: int = 0):
     """A seeded sample of labelled task batches (the cheap pass the importance scores are computed on)."""
-    spec = get_task(task)
-    ds = load_split(spec, split, data, limit=samples, seed=seed)
-    return make_loader(tokenize(ds, tokenizer, max_length), tokenizer, batch_size, shuffle=False, seed=seed)
+    return tasks.get(task).sample_loader(tokenizer, data=data, samples=samples, max_length=max_length, seed=seed)
 
 
 def run_importance(
     model: str | None, tasks: list[str], out: str, *, data: list[str] | None = None, samples: int = 512,
-    scorer: str = "head_grad", max_length: int = 128, batch_size: int = 16, hidden: bool = False,
+    scorer: str = "head_grad", max_length: int = 128, hidden: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Score heads/neurons for one or more tasks; write scores JSON, heat map PNG and (two tasks) the correlation."""
@@ -78,8 +59,7 @@ def run_importance(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for i, task in enumerate(tasks):
             net, tok, _ = load_task_model(model, task)
-            batches = sample_batches(tok, task, data[i] if data else None, samples, max_length=max_length,
-                                     batch_size=batch_size)
+            batches = sample_batches(tok, task, data[i] if data else None, samples, max_length=max_length)
             scores = compute(net, batches, scorer, hidden=hidden)
             scores.meta.update({"task": task, "samples": samples})
             scores.save(tmp / f"importance_{task}.json")

@@ -36,6 +36,8 @@ class Task(Protocol):
 
     def load_model(self, location: str) -> nn.Module: ...
 
+    def sample_loader(self, tokenizer, *, data, samples: int, max_length: int, seed: int, batch_size: int = 16): ...
+
     def loaders(
         self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed
     ) -> Loaders: ...
@@ -57,17 +59,24 @@ class GlueTask:
     def load_model(self, location: str) -> nn.Module:
         return load_for_task(location, "classify", self.spec.num_labels, self.spec.is_regression)
 
-    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
-        def split(name: str, limit: int | None):
-            ds = tokenize(load_split(self.spec, name, data, limit=limit, seed=seed), tokenizer, max_length)
-            if len(ds) == 0:
-                raise PrunetuneError(f"the {name} split of {self.name} is empty")
-            return ds
+    def _split(self, tokenizer, name: str, data, limit: int | None, max_length: int, seed: int):
+        ds = tokenize(load_split(self.spec, name, data, limit=limit, seed=seed), tokenizer, max_length)
+        if len(ds) == 0:
+            raise PrunetuneError(f"the {name} split of {self.name} is empty")
+        return ds
 
+    def sample_loader(self, tokenizer, *, data, samples: int, max_length: int, seed: int, batch_size: int = 16):
+        """A seeded sample of labelled training batches (what importance is scored on)."""
+        ds = self._split(tokenizer, "train", data, samples, max_length, seed)
+        return make_loader(ds, tokenizer, batch_size, shuffle=False)
+
+    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
+        train = self._split(tokenizer, "train", data, train_limit, max_length, seed)
+        dev = self._split(tokenizer, "dev", data, eval_limit, max_length, seed)
         return Loaders(
-            train=make_loader(split("train", train_limit), tokenizer, batch_size, shuffle=True, seed=seed),
-            dev=make_loader(split("dev", eval_limit), tokenizer, 64, shuffle=False),
-            sample=make_loader(split("train", samples), tokenizer, 16, shuffle=False),
+            train=make_loader(train, tokenizer, batch_size, shuffle=True, seed=seed),
+            dev=make_loader(dev, tokenizer, 64, shuffle=False),
+            sample=self.sample_loader(tokenizer, data=data, samples=samples, max_length=max_length, seed=seed),
         )
 
     def evaluate(self, model: nn.Module, loader) -> dict:
