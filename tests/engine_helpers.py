@@ -15,6 +15,7 @@ from prunetune.plan import PruningPlan
 # than the work (a 27x32 @ 32x40 matmul: 3 us on one thread, 20 ms on two on the 2-core test machine).
 torch.set_num_threads(1)
 
+
 def tiny(family: str, task: str = "auto", seed: int = 0):
     """conftest's tiny model with lively weights: O(1) logits, so absolute tolerances mean something.
 

@@ -74,7 +74,6 @@ def test_every_mask_entry_gets_a_gradient(family):
         assert mask.grad.shape == mask.shape
         assert torch.isfinite(mask.grad).all(), key
         assert (mask.grad != 0).all(), f"{key}: some entries got no gradient: {mask.grad}"
-    # the weights took no part: masks only read them
     masks.zero_grad()
     assert all(t.grad is None for t in masks.tensors())
 

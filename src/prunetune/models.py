@@ -85,6 +85,11 @@ def _from_pretrained(cls, location: str, **kw):
 def load_tokenizer(location: str):
     from transformers import AutoTokenizer
 
+    local = Path(location)
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json")
+    if local.is_dir() and not any((local / n).exists() for n in names):
+        # transformers 5 would quietly build an empty tokenizer that maps every word to [UNK]
+        raise PrunetuneError(f"no tokenizer files in {location}: save the tokenizer next to the model")
     tok = _from_pretrained(AutoTokenizer, location)
     if tok.pad_token is None:  # decoders (LLaMA) ship without one; batching needs it
         tok.pad_token = tok.eos_token
