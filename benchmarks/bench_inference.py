@@ -50,18 +50,23 @@ def build_pruned(out: Path, keep_params: float, round_to: int, samples: int) -> 
     return json.loads((out / "prune.json").read_text())
 
 
-def markdown_table(results: dict[str, dict], shapes: dict[str, str]) -> str:
+COLUMNS = (
+    "model", "params", "layer params", "heads", "FFN neurons", "latency median (ms)", "latency ratio",
+    "peak mem (MB)", "mem ratio", "CPU share",
+)
+
+
+def markdown_table(results: dict[str, dict], shapes: dict[str, tuple[int, int]]) -> str:
     """One row per model; ratios relative to the first."""
-    rows = [
-        "| model | params | layer params | heads / FFN | latency median (ms) | latency ratio | peak mem (MB) | mem ratio |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
+    rows = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     for name, r in results.items():
-        rows.append(
-            f"| {name} | {r['params'] / 1e6:.2f} M | {r['layer_params'] / 1e6:.2f} M | {shapes[name]} "
-            f"| {r['latency_s_median'] * 1e3:.0f} | {r['latency_ratio']:.3f} "
-            f"| {r['peak_mem_mb']:.0f} | {r['mem_ratio']:.3f} |"
+        share = "n/a" if r["cpu_share"] is None else f"{r['cpu_share']:.2f}" + (" (contended)" * r["contended"])
+        cells = (
+            name, f"{r['params'] / 1e6:.2f} M", f"{r['layer_params'] / 1e6:.2f} M", *map(str, shapes[name]),
+            f"{r['latency_s_median'] * 1e3:.0f}", f"{r['latency_ratio']:.3f}", f"{r['peak_mem_mb']:.0f}",
+            f"{r['mem_ratio']:.3f}", share,
         )
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -72,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10, help="timed forward passes per process")
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per model, interleaved")
+    p.add_argument("--max-rounds", type=int, default=8,
+                   help="measure again, up to this many rounds, a model whose runs all shared the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     p.add_argument("--keep-params", type=float, default=0.4, help="fraction of layer parameters to keep")
     p.add_argument("--round-to", type=int, default=None, help="also measure a variant with FFN widths rounded")
@@ -93,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         name = f"pruned {k} round-to {args.round_to}"
         dirs[name] = work / f"pruned_k{k}_r{args.round_to}"
         reports[name] = build_pruned(dirs[name], args.keep_params, args.round_to, args.samples)
-    shapes = {"dense": f"{dense_info['heads']} / {dense_info['ffn']}"}
-    shapes.update({n: f"{r['heads']} / {r['ffn'].split('/')[0]}" for n, r in reports.items()})
+    shapes = {"dense": (dense_info["heads"], dense_info["ffn"])}
+    shapes.update({n: (int(r["heads"].split("/")[0]), int(r["ffn"].split("/")[0])) for n, r in reports.items()})
 
     threads = args.threads or usable_cores()
     print(f"measuring {len(dirs)} models x {args.rounds} rounds (batch {args.batch_size} x seq {args.seq_len}, "
           f"{threads} threads) ...", file=sys.stderr)
     results = compare_inference(
-        {n: str(d) for n, d in dirs.items()}, rounds=args.rounds, batch_size=args.batch_size, seq_len=args.seq_len,
-        warmup=args.warmup, repeats=args.repeats, threads=threads,
+        {n: str(d) for n, d in dirs.items()}, rounds=args.rounds, max_rounds=args.max_rounds,
+        batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup, repeats=args.repeats, threads=threads,
     )
     first = next(iter(results.values()))
     date = datetime.date.today().isoformat()
@@ -110,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nprunetune inference benchmark, {date}")
     print(f"machine: {machine}")
     print(f"setting: {first['device']}, {first['dtype']}, attention {first['attn_implementation']}, batch "
-          f"{args.batch_size} x seq {args.seq_len}, {threads} threads, median of {args.repeats} passes "
-          f"(best of {args.rounds} fresh processes per model); peak memory above the pre-load baseline\n")
+          f"{args.batch_size} x seq {args.seq_len}, {threads} threads; latency: median of {args.repeats} passes, "
+          f"best of {args.rounds}+ fresh processes per model taking turns (only those with the CPU to themselves); "
+          f"peak memory: above the pre-load baseline, in a fresh process ({first['heap']} heap)\n")
     print(table)
     ratio = results[f"pruned {k}"]["latency_ratio"]
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
     print(f"\ntarget: latency ratio <= {TARGET_RATIO:.2f} at keep_params {k}: {ratio:.3f} ({verdict})")
+    if any(r["contended"] for r in results.values()):
+        print("warning: some models never had the CPU to themselves (CPU share < 0.9): their latencies include "
+              "waiting for other processes; rerun on an idle machine")
     if args.out:
         payload = {
             "date": date, "machine": machine, "settings": vars(args) | {"threads": threads, "workdir": str(work)},

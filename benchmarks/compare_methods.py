@@ -24,7 +24,6 @@ from pathlib import Path
 
 from prunetune.bench import compare_inference, machine_description
 
-
 VARIANTS = {"apt-nodistill": ("apt", ["--no-distill"])}  # extra rows: a method with other flags
 
 

@@ -162,10 +162,48 @@ def shape_fingerprint(model: nn.Module) -> dict[str, list[int]]:
     return {n.replace(".base_layer", ""): list(p.shape) for n, p in top.named_parameters() if "lora_" not in n}
 
 
+TRAINED_BASE_FILE = "prunetune_trainable.safetensors"
+
+
+def _record_grown_ranks(model: nn.Module) -> None:
+    """Write the live ranks of grown adapters into the PEFT config, with alphas that keep their scaling.
+
+    Fix: grow_rank changes the tensors but PEFT's config kept the starting rank, so an adapter saved after
+    APT's rank growth could not be loaded (PEFT built rank-r layers and refused the larger tensors).
+    """
+    config = getattr(model, "peft_config", {}).get(ADAPTER)
+    if config is None:
+        return
+    names = {id(m): n for n, m in unwrap(model).named_modules()}
+    for layer in lora_layers(model).values():
+        name, r = names[id(layer)], lora_rank(layer)
+        if r != config.rank_pattern.get(name, config.r):
+            config.rank_pattern[name] = r
+            config.alpha_pattern[name] = layer.scaling[ADAPTER] * r  # PEFT: scaling = alpha / r
+
+
+def trained_base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors outside the adapters (norms, task head), named as in the unwrapped model."""
+    top = unwrap(model)
+    return {n: p.detach().cpu().clone().contiguous() for n, p in top.named_parameters()
+            if p.requires_grad and "lora_" not in n}
+
+
 def save_adapter(model: nn.Module, out: Path) -> None:
-    """PEFT's adapter format plus the shapes of the pruned base it belongs to."""
+    """PEFT's adapter format plus the shapes of the pruned base it belongs to.
+
+    Fix: the norms and the task head train alongside LoRA (apply_lora's default) but PEFT saves only
+    the ``lora_`` tensors (they are not ``modules_to_save``), so a loaded adapter ran with the untrained
+    head and norms. They are now saved next to the adapter and load_adapter puts them back.
+    """
+    from safetensors.torch import save_file
+
+    _record_grown_ranks(model)
     model.save_pretrained(out)
     (out / "prunetune_base.json").write_text(json.dumps({"shapes": shape_fingerprint(model)}))
+    extra = trained_base_tensors(model)
+    if extra:
+        save_file(extra, str(out / TRAINED_BASE_FILE))
 
 
 def load_adapter(base: nn.Module, adapter_dir: str | Path):
@@ -181,4 +219,12 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path):
             f"adapter {adapter_dir} was trained on a base of other shapes (e.g. {differing[:1]}); "
             "load it onto the pruned base saved with it"
         )
+    trained = adapter_dir / TRAINED_BASE_FILE
+    if trained.exists():  # the norms / head trained with the adapter (see save_adapter)
+        from safetensors.torch import load_file
+
+        params = dict(unwrap(base).named_parameters())
+        with torch.no_grad():
+            for n, v in load_file(str(trained)).items():
+                params[n].copy_(v.to(params[n].device, params[n].dtype))
     return PeftModel.from_pretrained(base, adapter_dir)

@@ -49,6 +49,8 @@ class AptConfig:
 
 def cubic_schedule(cfg: AptConfig, total_steps: int) -> dict[int, float]:
     """Optimizer step -> fraction of the dense layer parameters to keep after pruning at that step."""
+    if cfg.prune_steps <= 0:
+        return {}
     start = max(1, round(cfg.prune_start * total_steps))
     end = max(start, round(cfg.prune_end * total_steps))
     n = max(1, cfg.prune_steps)
@@ -105,6 +107,17 @@ def plot_timeline(rows: list[dict], evals: list[dict], path) -> None:
     plt.close(fig)
 
 
+def _layer_states(outputs) -> tuple:
+    """Hidden states for the layer-mapping loss, aligned with the batch's attention mask.
+
+    Fix: encoder-decoder outputs (T5) have no ``hidden_states`` (they carry ``encoder_hidden_states`` and
+    ``decoder_hidden_states``), so distillation raised AttributeError at the first step after the first
+    evaluation; the encoder's states are the ones the attention mask describes.
+    """
+    states = getattr(outputs, "hidden_states", None)
+    return states if states is not None else outputs.encoder_hidden_states
+
+
 class SelfDistiller:
     """Teacher = the student at its best evaluation, sharing every frozen weight (no second backbone).
 
@@ -143,8 +156,13 @@ class SelfDistiller:
         # is modified in place, and the frozen weights are the very same tensors.
         from torch.func import functional_call
 
-        return functional_call(model, self.teacher, args=(), kwargs={**batch, "output_hidden_states": True},
-                               strict=False)
+        was_training = model.training
+        model.eval()  # the teacher's targets carry no dropout noise
+        try:
+            return functional_call(model, self.teacher, args=(), kwargs={**batch, "output_hidden_states": True},
+                                   strict=False)
+        finally:
+            model.train(was_training)
 
     def loss(self, model: nn.Module, batch: dict, student, task_loss: torch.Tensor) -> torch.Tensor:
         if self.teacher is None:
@@ -153,7 +171,7 @@ class SelfDistiller:
         t = self.cfg.temperature
         pred = F.kl_div(F.log_softmax(student.logits / t, -1), F.softmax(teacher.logits / t, -1),
                         reduction="batchmean") * t * t
-        hs_s, hs_t = student.hidden_states, teacher.hidden_states
+        hs_s, hs_t = _layer_states(student), _layer_states(teacher)
         layers = random.sample(range(1, len(hs_s)), min(self.cfg.distill_layers, len(hs_s) - 1))
         mask = batch.get("attention_mask")
         layer_loss = 0.0
@@ -212,7 +230,7 @@ class AptHook(TrainHook):
         return True
 
     def _follow(self, plan: PruningPlan, model, optimizer, before, log: SliceLog) -> None:
-        remap_optimizer(optimizer, log)
+        remap_optimizer(optimizer, log, model)
         self.stats.follow_plan(plan)
         self.stats.rehook(unwrap(model))
         if self.distiller is not None:
@@ -261,8 +279,12 @@ def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfi
     extra: dict = {}
     if cfg.prune_before_training:
         # large decoders: outlier-aware score on a calibration sample, prune once, then tune
-        scores = compute(model, sample_loader, "salience_kurtosis", hidden=apt_cfg.hidden)
-        plan = select(model, scores, Budget(keep_params=apt_cfg.keep_params))
+        scorer = cfg.scorer or "salience_kurtosis"
+        scores = compute(model, sample_loader, scorer, hidden=apt_cfg.hidden)
+        # heads are compared within their layer (L2-normalised), as their raw scores differ by orders of
+        # magnitude between layers of a decoder
+        plan = select(model, scores, Budget(keep_params=apt_cfg.keep_params), layer_norm_heads=True)
+        plan.meta["scorer"] = scorer
         apply_plan(model, plan)
         extra["plan_before_training"] = plan.to_dict()
         apt_cfg.prune_steps = 0
@@ -270,8 +292,6 @@ def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfi
     _, trainable = adapters.count_parameters(peft_model)
     steps = max(1, math.ceil(math.ceil(len(train_loader) / train_cfg.grad_accum) * train_cfg.epochs))
     hook = AptHook(peft_model, apt_cfg, steps, dense_layer_params)
-    if apt_cfg.prune_steps == 0:
-        hook.schedule = {}
     try:
         res = fit(peft_model, train_loader, evaluate, train_cfg, hooks=[hook])
     finally:

@@ -18,6 +18,7 @@ once held a 1.5 GB model reports at least 1.5 GB whatever it does. ``ru_maxrss``
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,6 +85,27 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def compact_heap(mmap_threshold: int = 64 * 1024) -> bool:
+    """glibc only: give freed heap memory back to the OS and serve blocks >= `mmap_threshold` by mmap from now on.
+
+    Under glibc's default (a dynamic mmap threshold that grows up to 32 MiB), freed activations stay in the heap,
+    and the peak RSS of identical runs differs by 15-20% with the order the threads allocated and freed them.
+    After this call the peak RSS follows the live tensors. It lasts for the process: call it in a fresh one.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return False
+    return ok
 
 
 class MemoryMeter:
@@ -235,6 +259,36 @@ def _layer_params(model) -> int | None:
         return None
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` intra-op threads, restoring the caller's setting after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _time_passes(model, inputs: dict, warmup: int, repeats: int, threads: int) -> tuple[list[float], list[float]]:
+    """Wall time of each timed forward pass, and the share of its threads' CPU time the process got."""
+    device = next(model.parameters()).device
+    times, shares = [], []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            c0, t0 = time.process_time(), time.perf_counter()
+            model(**inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wall = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(wall)
+                # below 1: the pass shared the cores with another process, and a parallel GEMM waits for its
+                # slowest thread, so losing half the CPU costs ~3x the time: such passes do not time the model
+                shares.append((time.process_time() - c0) / (wall * threads))
+    return times, shares
+
+
 def measure_inference(
     model_dir: str,
     *,
@@ -246,12 +300,16 @@ def measure_inference(
     auto_class: str = "AutoModelForSequenceClassification",
     attn_implementation: str | None = None,
     seed: int = 0,
+    compact: bool = True,
 ) -> dict:
     """Load MODEL_DIR here and time forward passes on random token ids; peak memory above the pre-load baseline.
 
     Run it through :func:`run_isolated` (as :func:`compare_inference` does) for a CPU memory figure that
     belongs to this model alone. `peak_mem_mb` covers the weights and inference, not the load transient
-    (reported apart as `load_peak_mem_mb`) where the peak can be restarted.
+    (reported apart as `load_peak_mem_mb`) where the peak can be restarted. On glibc it comes from one pass
+    after :func:`compact_heap` (the timed passes' peak, which varies with the heap's history, is
+    `peak_mem_mb_timed`); call it in a process of its own there. `cpu_share` (CPU only) is the
+    median share of its threads' CPU time a pass got: well below 1, other processes slowed the timings.
     """
     import transformers
 
@@ -261,34 +319,23 @@ def measure_inference(
         raise ValueError("repeats must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = threads or usable_cores()
-    torch.set_num_threads(threads)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     _import_model_code(model_dir, auto_class)
-
-    meter = MemoryMeter(device).start()
-    model = getattr(transformers, auto_class).from_pretrained(model_dir, **kw).to(device).eval()
-    load_peak = meter.read()
-    meter.reset_peak()
-    inputs = _random_inputs(model.config, batch_size, seq_len, device, seed)
-
-    times, shares = [], []
-    with meter, torch.inference_mode():
-        for i in range(warmup + repeats):
-            c0, t0 = time.process_time(), time.perf_counter()
-            model(**inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            wall = time.perf_counter() - t0
-            if i >= warmup:
-                times.append(wall)
-                # a pass that got less than its threads' worth of CPU shared the cores with another process
-                shares.append((time.process_time() - c0) / (wall * threads))
-    param = next(model.parameters())
+    heap = "compact" if device.type == "cpu" and compact and compact_heap() else "default"
+    with torch_threads(threads):
+        meter = MemoryMeter(device).start()
+        model = getattr(transformers, auto_class).from_pretrained(model_dir, **kw).to(device).eval()
+        load_peak = meter.read()
+        meter.reset_peak()  # the load transient is not inference; the weights stay above the baseline
+        inputs = _random_inputs(model.config, batch_size, seq_len, device, seed)
+        with meter:
+            times, shares = _time_passes(model, inputs, warmup, repeats, threads)
     return {
         "latency_s_median": statistics.median(times),
         "latency_s_min": min(times),
         "latencies_s": times,
         "peak_mem_mb": meter.peak_mb,
+        "heap": heap,
         "load_peak_mem_mb": load_peak,
         "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / _MB,
         "mem_exact": meter.exact,
@@ -299,13 +346,49 @@ def measure_inference(
         "threads": threads,
         "batch_size": batch_size,
         "seq_len": seq_len,
-        "dtype": str(param.dtype).removeprefix("torch."),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
 
 
+_MEASURE = "prunetune.bench:measure_inference"
+
+
 def _uncontended(run: dict, min_cpu_share: float) -> bool:
     return run.get("cpu_share") is None or run["cpu_share"] >= min_cpu_share
+
+
+def _timing_rounds(
+    dirs: dict[str, str], rounds: int, max_rounds: int, min_cpu_share: float, timeout: float | None, kw: dict
+) -> dict[str, list[dict]]:
+    """Every model once a round, in alternating order; after `rounds`, again the ones never measured alone."""
+    names = list(dirs)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(max(rounds, max_rounds)):
+        todo = names if r < rounds else [n for n in names if not any(_uncontended(x, min_cpu_share) for x in runs[n])]
+        if not todo:
+            break
+        for name in todo if r % 2 == 0 else reversed(todo):
+            runs[name].append(run_isolated(_MEASURE, {**kw, "model_dir": dirs[name], "compact": False}, timeout))
+    return runs
+
+
+def _summarise(runs: list[dict], memory: dict, min_cpu_share: float) -> dict:
+    """The best uncontended run's timings, with the memory run's peak and the per-round figures."""
+    clean = [x for x in runs if _uncontended(x, min_cpu_share)]
+    best = dict(min(clean or runs, key=lambda x: x["latency_s_median"]))
+    best.update(
+        contended=not clean,
+        rounds=len(runs),
+        latency_s_min=min(x["latency_s_min"] for x in runs),
+        latency_s_median_rounds=[x["latency_s_median"] for x in runs],
+        cpu_share_rounds=[x["cpu_share"] for x in runs],
+        peak_mem_mb=memory["peak_mem_mb"],
+        heap=memory["heap"],
+        # what the same passes reached under the default allocator (varies from run to run; see compact_heap)
+        peak_mem_mb_default_heap=statistics.median(x["peak_mem_mb"] for x in runs),
+    )
+    return best
 
 
 def compare_inference(
@@ -317,39 +400,23 @@ def compare_inference(
     timeout: float | None = None,
     **kw,
 ) -> dict:
-    """Measure each model in its own fresh process, interleaved over `rounds`; ratios relative to the first.
+    """Measure each model in fresh processes: latency interleaved over `rounds`, memory once; ratios to the first.
 
     CPU speed drifts (other processes, frequency, caches), so the models take turns, in alternating order, and
     each keeps its best per-round median latency among the runs that had the CPU to themselves (median CPU
     share >= `min_cpu_share` of their threads); up to `max_rounds`, the models without such a run are measured
-    again. A model with none is flagged `contended`. Memory is the median over all rounds. `kw` goes to
-    :func:`measure_inference`.
+    again, and one that never had is flagged `contended`. The timed runs use the default allocator; memory
+    comes from one more process per model with a compacted heap (:func:`compact_heap`), where it is
+    reproducible to 0.1 MB. `kw` goes to :func:`measure_inference`.
     """
     if not dirs:
         raise ValueError("no models to compare")
-    names = list(dirs)
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(max(rounds, max_rounds or 0)):
-        todo = names if r < rounds else [n for n in names if not any(_uncontended(x, min_cpu_share) for x in runs[n])]
-        if not todo:
-            break
-        for name in todo if r % 2 == 0 else reversed(todo):
-            runs[name].append(
-                run_isolated("prunetune.bench:measure_inference", {"model_dir": str(dirs[name]), **kw}, timeout)
-            )
-    results = {}
-    for name in names:
-        clean = [x for x in runs[name] if _uncontended(x, min_cpu_share)]
-        best = dict(min(clean or runs[name], key=lambda x: x["latency_s_median"]))
-        best["contended"] = not clean
-        best["latency_s_median_rounds"] = [x["latency_s_median"] for x in runs[name]]
-        best["cpu_share_rounds"] = [x["cpu_share"] for x in runs[name]]
-        best["peak_mem_mb_rounds"] = [x["peak_mem_mb"] for x in runs[name]]
-        best["peak_mem_mb"] = statistics.median(best["peak_mem_mb_rounds"])
-        best["latency_s_min"] = min(x["latency_s_min"] for x in runs[name])
-        best["rounds"] = len(runs[name])
-        results[name] = best
-    ref = results[names[0]]
+    dirs = {n: str(d) for n, d in dirs.items()}
+    runs = _timing_rounds(dirs, rounds, max_rounds or rounds, min_cpu_share, timeout, kw)
+    memory_kw = {**kw, "warmup": 1, "repeats": 1, "compact": True}
+    memory = {n: run_isolated(_MEASURE, {**memory_kw, "model_dir": d}, timeout) for n, d in dirs.items()}
+    results = {n: _summarise(runs[n], memory[n], min_cpu_share) for n in dirs}
+    ref = results[next(iter(dirs))]
     for res in results.values():
         res["latency_ratio"] = res["latency_s_median"] / ref["latency_s_median"]
         res["latency_ratio_min"] = res["latency_s_min"] / ref["latency_s_min"]
@@ -387,6 +454,7 @@ def machine_description() -> str:
 
 __all__ = [
     "MemoryMeter",
+    "compact_heap",
     "compare_inference",
     "current_rss_mb",
     "machine_description",
@@ -394,5 +462,6 @@ __all__ = [
     "peak_rss_mb",
     "reset_peak_rss",
     "run_isolated",
+    "torch_threads",
     "usable_cores",
 ]

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--prune-before-training", action="store_true")
+    p.add_argument("--scorer", help="apt --prune-before-training: scorer (default salience_kurtosis)")
 
     p = sub.add_parser("evaluate", help="re-score an exported model on a task")
     p.add_argument("model")
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--eval-limit", type=int)
+    p.add_argument("--seed", type=int, default=42, help="the run's seed (picks the same --eval-limit subset)")
     return parser
 
 
@@ -155,7 +157,7 @@ def run(argv: list[str] | None = None) -> int:
         from prunetune.recipes import evaluate_export
 
         _print(evaluate_export(args.model, args.task, data=args.data, max_length=args.max_length,
-                               batch_size=args.batch_size, eval_limit=args.eval_limit))
+                               batch_size=args.batch_size, eval_limit=args.eval_limit, seed=args.seed))
     return 0
 
 

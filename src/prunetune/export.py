@@ -108,6 +108,8 @@ def _export_config(model: nn.Module):
 def atomic_dir(out: str | Path, *, overwrite: bool = False):
     """Write into a temporary sibling directory and move it to `out` only when everything succeeded."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrunetuneError(f"output path {out} exists and is not a directory")
     if out.exists() and not overwrite and any(out.iterdir()):
         raise PrunetuneError(f"output directory {out} already exists and is not empty (use --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)

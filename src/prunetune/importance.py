@@ -293,9 +293,11 @@ def salience_kurtosis(model: nn.Module, batches: Iterable[dict], *, hidden: bool
     kurt = stats.kurtosis()
     combined = {}
     for k, s in stats.salience.items():
-        # APT: salience + sqrt(kurtosis): structures with outlier activations are kept
-        s_norm = s / s.mean().clamp_min(1e-20)
-        combined[k] = s_norm + kurt[k].sqrt() / kurt[k].sqrt().mean().clamp_min(1e-20)
+        # APT: salience + sqrt(kurtosis), so structures with outlier activations are kept. Both terms are
+        # L2-normalised per layer first: raw salience spans orders of magnitude between layers (attention
+        # sinks), and a global sum would let a few layers decide everything.
+        root_kurt = kurt[k].sqrt()
+        combined[k] = s / s.norm().clamp_min(1e-20) + root_kurt / root_kurt.norm().clamp_min(1e-20)
     return stats.to_scores(combined)
 
 

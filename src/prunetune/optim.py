@@ -24,7 +24,7 @@ def _transform(value: torch.Tensor, ops: list[tuple]) -> torch.Tensor:
     return value
 
 
-def remap_optimizer(optimizer: torch.optim.Optimizer, log: SliceLog) -> int:
+def remap_optimizer(optimizer: torch.optim.Optimizer, log: SliceLog, model: torch.nn.Module | None = None) -> int:
     """Swap replaced parameters in the optimizer for their new tensors and transform their state.
 
     Returns how many parameters were remapped. State entries shaped like the parameter (Adam's
@@ -45,4 +45,10 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, log: SliceLog) -> int:
                     for k, v in state.items()
                 }
             remapped += 1
+    if model is not None:  # parameters of removed modules (a block that lost every head) leave with their state
+        live = {id(p) for p in model.parameters()}
+        for group in optimizer.param_groups:
+            for p in [p for p in group["params"] if id(p) not in live]:
+                optimizer.state.pop(p, None)
+            group["params"] = [p for p in group["params"] if id(p) in live]
     return remapped

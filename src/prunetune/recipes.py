@@ -64,6 +64,7 @@ class FinetuneConfig:
     precision: str = "auto"
     distill: bool = True
     prune_before_training: bool = False
+    scorer: str | None = None  # apt --prune-before-training: importance scorer (default salience_kurtosis)
     recovery_epochs: float = 0.25  # lora-prune: LoRA recovery after pruning
     progress: bool = True
     extra: dict = field(default_factory=dict)  # method-specific settings (apt.AptConfig fields)
@@ -240,6 +241,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Run one method end to end and write DIR/model, DIR/adapter, DIR/report.{json,md}, logs and scores."""
     cfg.check()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PrunetuneError(f"output path {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise PrunetuneError(f"output directory {out} already holds a run (use --overwrite to replace it)")
     task = tasks.get(cfg.task)

@@ -167,7 +167,9 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                changed = any(h.after_step(step, total, model, optimizer) for h in hooks)
+                # Fix: a list, not a generator: any() stopped at the first hook that changed the model, so
+                # the hooks after it never saw that step.
+                changed = any([h.after_step(step, total, model, optimizer) for h in hooks])
                 if changed:  # shapes changed: an earlier best state no longer fits
                     best_state, result.best = None, None
                 entry = {"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}

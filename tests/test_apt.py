@@ -1,0 +1,273 @@
+"""APT: the cubic schedule, pruning inside `fit`, GQA, rank growth, self-distillation and reproducibility."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from conftest import logits, tiny_config, tiny_inputs
+from engine_helpers import max_diff, tiny
+
+from prunetune import adapters
+from prunetune.apt import AptConfig, AptHook, cubic_schedule
+from prunetune.families import layer_sites
+from prunetune.plan import layer_param_count
+from prunetune.train import TrainConfig, fit
+
+# ---------------------------------------------------------------------------------------------------------
+# The schedule
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total,steps,keep", [(1000, 10, 0.4), (200, 5, 0.3), (12, 4, 0.5), (7, 10, 0.6), (1, 3, 0.4),
+                                              (50, 1, 0.25)])
+def test_cubic_schedule_ends_exactly_at_the_target_and_decreases(total, steps, keep):
+    cfg = AptConfig(keep_params=keep, prune_steps=steps, prune_start=0.05, prune_end=0.5)
+    schedule = cubic_schedule(cfg, total)
+    order = sorted(schedule)
+    values = [schedule[s] for s in order]
+    assert values[-1] == keep  # exactly, not approximately
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+    assert all(keep <= v < 1 for v in values)
+    assert order[0] >= 1 and order[-1] <= max(1, total)
+    if total >= 100:
+        assert len(order) == steps
+        assert order[0] == round(0.05 * total) and order[-1] == round(0.5 * total)
+        # cubic: the first step removes the most (more than a linear schedule would)
+        assert 1 - values[0] > (1 - keep) / steps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pruning inside fit
+# ---------------------------------------------------------------------------------------------------------
+
+
+def batches_for(family: str, n: int = 4, batch: int = 4) -> list[dict]:
+    out = []
+    for seed in range(n):
+        b = tiny_inputs(family, batch=batch, seed=20 + seed)
+        if family == "t5":  # classification: T5 reads the last <eos> of every row
+            b.pop("decoder_input_ids")
+            b["attention_mask"][:] = 1
+            b["input_ids"][:, -1] = 1
+        b["labels"] = torch.arange(batch) % 2
+        out.append(b)
+    return out
+
+
+def classifier(family: str):
+    if family != "t5":
+        return tiny(family, "classify")
+    cfg = tiny_config("t5")
+    cfg.num_labels = 2
+    torch.manual_seed(0)
+    return transformers.T5ForSequenceClassification(cfg).eval()
+
+
+def probe_eval(batch: dict):
+    """An evaluation whose 'main' moves with the weights (so a best state exists), plus the logits."""
+
+    def evaluate(model) -> dict:
+        out = logits(model, batch)
+        return {"main": -float(out.float().pow(2).mean()), "logits": out.tolist()}
+
+    return evaluate
+
+
+class CheckingHook(AptHook):
+    """AptHook that, after every pruning step, checks what the rest of training relies on."""
+
+    def __init__(self, *args, probe: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.probe = probe
+        self.after_pruning: list[tuple[int, float, int]] = []
+
+    def after_step(self, step, total, model, optimizer) -> bool:
+        changed = super().after_step(step, total, model, optimizer)
+        if changed:
+            self.after_pruning.append((step, self.schedule[step], layer_param_count(model)))
+            check_consistent(model, optimizer)
+            model.eval()
+            out = logits(model, self.probe)
+            model.train()
+            assert torch.isfinite(out).all() and out.shape == (self.probe["input_ids"].shape[0], 2)
+        return changed
+
+
+def check_consistent(model, optimizer=None) -> None:
+    for lay in layer_sites(model):
+        for site in lay.attentions.values():
+            if not site.num_heads:
+                continue
+            hd = site.head_dim
+            q, k, v, o = (getattr(site.proj(w), "base_layer", site.proj(w)).weight for w in "qkvo")
+            assert q.shape[0] == site.num_heads * hd == o.shape[1], site.key
+            assert k.shape[0] == v.shape[0] == site.num_kv_heads * hd, site.key
+            if site.spec.kv_groups_attr:  # GQA: whole groups of equal size, and the module knows it
+                assert site.num_heads % site.num_kv_heads == 0, site.key
+                assert site.module.num_key_value_groups == site.num_heads // site.num_kv_heads, site.key
+    for name, layer in adapters.lora_layers(model).items():
+        base = layer.base_layer.weight
+        a, b = layer.lora_A[adapters.ADAPTER].weight, layer.lora_B[adapters.ADAPTER].weight
+        assert a.shape[1] == base.shape[1] and b.shape[0] == base.shape[0] and a.shape[0] == b.shape[1], name
+    if optimizer is not None:
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert id(p) in held, name
+                state = optimizer.state.get(p)
+                if state:
+                    assert state["exp_avg"].shape == p.shape == state["exp_avg_sq"].shape, name
+
+
+def run_apt_fit(family: str, *, keep: float = 0.5, distill: bool = True, seed: int = 0, steps: int = 12):
+    model = classifier(family)
+    dense = layer_param_count(model)
+    peft_model = adapters.apply_lora(model, rank=2)
+    batches = batches_for(family)
+    apt_cfg = AptConfig(keep_params=keep, prune_steps=4, prune_start=0.1, prune_end=0.6, distill=distill)
+    hook = CheckingHook(peft_model, apt_cfg, steps, dense, probe=batches[0])
+    train_cfg = TrainConfig(epochs=steps / len(batches), lr=2e-3, eval_every=2, seed=seed, progress=False)
+    try:
+        result = fit(peft_model, batches, probe_eval(batches[0]), train_cfg, hooks=[hook])
+    finally:
+        hook.close()
+    return peft_model, hook, result, dense
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_apt_prunes_to_the_target_inside_fit(family):
+    model, hook, result, dense = run_apt_fit(family, keep=0.5)
+    assert result.steps == 12
+    assert [s for s, _, _ in hook.after_pruning] == sorted(hook.schedule) == [1, 3, 5, 7]
+    for step, target, count in hook.after_pruning:  # every step meets its own target
+        assert count <= target * dense, step
+    counts = [c for _, _, c in hook.after_pruning]
+    assert counts == sorted(counts, reverse=True) and counts[0] < dense
+    final = layer_param_count(model)
+    assert 0.47 * dense <= final <= 0.5 * dense
+    check_consistent(model)
+    # the best state is only taken from evaluations after the last structural change
+    assert result.best_step >= max(hook.schedule)
+    assert torch.isfinite(torch.tensor(result.best["logits"])).all()
+    # adapters grew, within the tuning budget
+    ranks = [r["lora_rank_total"] for r in hook.timeline.rows]
+    assert ranks[-1] > ranks[0]
+    lora_now = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora_now <= hook.cfg.tuning_budget * hook.start_lora_params
+
+
+def test_gqa_groups_stay_valid_on_llama():
+    model, hook, _, dense = run_apt_fit("llama", keep=0.4)
+    check_consistent(model)  # per layer: q heads divisible by KV heads, num_key_value_groups consistent
+    sites = [s for lay in layer_sites(model) for s in lay.attentions.values()]
+    assert sum(s.num_heads for s in sites) < 18  # something was pruned
+    assert layer_param_count(model) <= 0.4 * dense
+    top = model.get_base_model()
+    for layer in top.model.layers:
+        attn = layer.self_attn
+        if hasattr(attn, "q_proj"):
+            q_heads = attn.q_proj.base_layer.weight.shape[0] // 8
+            kv_heads = attn.k_proj.base_layer.weight.shape[0] // 8
+            assert q_heads % kv_heads == 0 and attn.num_key_value_groups == q_heads // kv_heads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Self-distillation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_distillation_can_be_switched_off():
+    batches = batches_for("bert")
+    start = classifier("bert")
+    dense = layer_param_count(start)
+    plain = adapters.apply_lora(start, rank=2)
+    with_hook = copy.deepcopy(plain)  # the same random lora_A
+    hook = AptHook(with_hook, AptConfig(distill=False), 8, dense)
+    hook.schedule = {}  # no pruning: only the loss path differs
+    assert hook.distiller is None
+    train_cfg = TrainConfig(epochs=2, lr=2e-3, eval_every=1, seed=1, progress=False)
+    ref = fit(plain, batches, probe_eval(batches[0]), train_cfg)
+    got = fit(with_hook, batches, probe_eval(batches[0]), train_cfg, hooks=[hook])
+    hook.close()
+    assert [h["loss"] for h in got.history] == [h["loss"] for h in ref.history]  # the task loss, untouched
+    assert hook.forward_kwargs() == {} and hook.loss(with_hook, batches[0], None) is None
+    assert len(hook.eval_history) == 8  # evaluations happened, and still no teacher appeared
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_distillation_loss_with_a_teacher(family):
+    batch = batches_for(family)[0]
+    model = classifier(family)
+    peft_model = adapters.apply_lora(model, rank=2)
+    hook = AptHook(peft_model, AptConfig(distill=True, distill_weight=0.5), 10, layer_param_count(model))
+    assert hook.forward_kwargs() == {} and hook.loss(peft_model, batch, None) is None  # no teacher yet
+    peft_model.eval()  # no dropout: teacher and student see the same function
+    hook.after_eval(1, {"main": 0.0}, peft_model, True)
+    assert hook.forward_kwargs() == {"output_hidden_states": True}
+    out = peft_model(**batch, **hook.forward_kwargs())
+    # teacher == student: the prediction and layer terms vanish, leaving (1 - w) x the task loss
+    assert hook.loss(peft_model, batch, out).item() == pytest.approx(0.5 * out.loss.item(), abs=1e-6)
+    with torch.no_grad():
+        for layer in adapters.lora_layers(peft_model).values():
+            layer.lora_B[adapters.ADAPTER].weight.normal_(0, 0.5)
+    out = peft_model(**batch, **hook.forward_kwargs())
+    assert hook.loss(peft_model, batch, out).item() > 0.5 * out.loss.item() + 1e-4
+    hook.close()
+
+
+def test_teacher_follows_surgery_and_growth():
+    batches = batches_for("bert")
+    model = classifier("bert")
+    dense = layer_param_count(model)
+    peft_model = adapters.apply_lora(model, rank=2)
+    hook = AptHook(peft_model, AptConfig(keep_params=0.5, prune_steps=1, distill=True), 10, dense)
+    step = next(iter(hook.schedule))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    peft_model.train()
+    peft_model(**batches[0]).loss.backward()  # salience rides on the backward pass
+    optimizer.step()
+    optimizer.zero_grad()
+    hook.after_eval(step, {"main": 0.0}, peft_model, True)  # teacher = the student now
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    memory = hook.distiller.memory_bytes()
+
+    assert hook.after_step(step, 10, peft_model, optimizer)
+    assert layer_param_count(peft_model) <= 0.5 * dense
+    row = hook.timeline.rows[-1]
+    assert row["grown_adapters"] > 0 and row["lora_rank_total"] > hook.timeline.rows[0]["lora_rank_total"]
+    student = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    teacher = hook.distiller.teacher
+    assert set(teacher) == set(student) and set(student) < set(before)  # removed blocks left both
+    for name, t in teacher.items():
+        s = student[name]
+        assert t.shape == s.shape, name
+        if "lora_A" in name and s.shape[0] > before[name].shape[0]:  # grown: old rows kept, new rows zero
+            r = before[name].shape[0]
+            assert torch.equal(t[:r], s[:r]) and torch.all(t[r:] == 0), name
+        else:  # sliced exactly like the student (grown lora_B columns are zero in both)
+            assert torch.equal(t, s), name
+    assert hook.distiller.memory_bytes() != memory
+    # the teacher still runs on the pruned student's structure
+    peft_model.eval()
+    out = peft_model(**batches[1], output_hidden_states=True)
+    assert torch.isfinite(hook.loss(peft_model, batches[1], out))
+    hook.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reproducibility
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_apt_run_is_reproducible():
+    a, hook_a, res_a, _ = run_apt_fit("bert", seed=5)
+    b, hook_b, res_b, _ = run_apt_fit("bert", seed=5)
+    probe = batches_for("bert")[2]
+    assert torch.equal(logits(a, probe), logits(b, probe))
+    assert [h["loss"] for h in res_a.history] == [h["loss"] for h in res_b.history]
+    assert hook_a.timeline.rows == hook_b.timeline.rows
+    c, _, _, _ = run_apt_fit("bert", seed=6)
+    assert max_diff(logits(a, probe), logits(c, probe)) > 0  # the seed matters (dropout, growth init)

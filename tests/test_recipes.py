@@ -1,0 +1,294 @@
+"""`prunetune finetune` end to end on a tiny BERT and tiny SST-2 files, for every method; and one real-model run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import transformers
+from conftest import tiny_config
+from engine_helpers import max_diff
+
+from prunetune import adapters, recipes
+from prunetune.cli import main
+from prunetune.plan import PruningPlan
+from prunetune.surgery import restore_layout
+from prunetune.train import TrainHook
+
+WORDS = ["the", "a", "movie", "film", "plot", "actor", "was", "is", "not", "very", "quite", "good", "bad", "great",
+         "awful", "fun", "dull", "long", "short", "and", "but"]
+POSITIVE = {"good", "great", "fun"}
+METHOD_ARGS = {
+    "full": [],
+    "lora": [],
+    "prune-lora": ["--heads-keep", "0.5"],
+    "lora-prune": ["--keep-params", "0.5"],
+    "apt": ["--keep-params", "0.5"],
+}
+LORA_METHODS = ("lora", "prune-lora", "lora-prune", "apt")
+
+# An attention block that lost every head keeps its output projection with zero inputs, so its adapter's lora_A
+# is (r, 0): PEFT warns about it on save (it suspects unsharded ZeRO-3 tensors) and torch on re-initialising it.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape"),
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
+]
+REAL_BENCH = "lora"  # the one run that pays for the fresh-process inference measurement (~5 s)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quiet_progress_bars():
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    yield
+    transformers.utils.logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+
+
+def rows(n: int, seed: int) -> list[tuple[str, int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for row in torch.randint(0, len(WORDS), (n, 6), generator=g).tolist():
+        words = [WORDS[i] for i in row]
+        out.append((" ".join(words), int(bool(POSITIVE & set(words)))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """A tiny BERT (lively weights: its predictions differ between sentences), its tokenizer and SST-2 files."""
+    root = tmp_path_factory.mktemp("recipes")
+    (root / "vocab").mkdir()
+    (root / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    tok = transformers.BertTokenizerFast.from_pretrained(root / "vocab")
+    cfg = tiny_config("bert")
+    cfg.vocab_size = len(tok)
+    cfg.hidden_size, cfg.intermediate_size = 64, 128  # 4 heads of 16
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    model.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    data = root / "sst2"
+    data.mkdir()
+    for name, n, seed in (("train.tsv", 64, 0), ("dev.tsv", 32, 1)):
+        (data / name).write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows(n, seed)))
+    return root
+
+
+def common(ws: Path) -> list[str]:
+    return ["--task", "sst2", "--data", str(ws / "sst2"), "--batch-size", "16", "--samples", "16", "--max-length",
+            "16"]
+
+
+def run_cli(args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def runs(ws, tmp_path_factory) -> dict[str, tuple[Path, dict, str]]:
+    """Every method, once: (out dir, report, stdout)."""
+    real = recipes._isolated_inference
+
+    def measured_only_once(task, model_dir, cfg):
+        if cfg.method == REAL_BENCH:
+            return real(task, model_dir, cfg)
+        return {"batch32_latency_s": 0.0, "batch32_peak_mem_mb": 0.0, "batch32_seq_len": cfg.max_length}
+
+    done = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipes, "_isolated_inference", measured_only_once)
+        for method, extra in METHOD_ARGS.items():
+            out = tmp_path_factory.mktemp("run") / method
+            rc, stdout, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", method, "--out", out, *extra])
+            assert rc == 0, err
+            done[method] = (out, json.loads((out / "report.json").read_text()), stdout)
+    return done
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_method_writes_a_complete_run(runs, method):
+    out, report, stdout = runs[method]
+    names = {p.name for p in out.iterdir()}
+    assert {"model", "report.json", "report.md", "metrics.jsonl"} <= names
+    assert not any(n.startswith(".") for n in names) and not any(p.name.startswith(".") for p in out.parent.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out / "model").iterdir()}
+    assert ("adapter" in names) == (method in LORA_METHODS)
+    if method in LORA_METHODS:
+        assert {"adapter_config.json", "prunetune_base.json"} <= {p.name for p in (out / "adapter").iterdir()}
+    assert report["method"] == method and report["task"] == "sst2"
+    assert set(report["metrics"]) == {"accuracy", "main"}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == report["train_steps"] > 0  # one line per optimizer step, over every phase
+    assert all(math.isfinite(e["loss"]) for e in lines)
+    md = (out / "report.md").read_text()
+    assert md.startswith(f"# prunetune {method} on sst2") and f"{report['metrics']['main']:.4f}" in md
+    assert stdout.strip() == report["summary"]
+    inference = report["inference"]
+    assert inference["dev_examples"] == 32
+    if method == REAL_BENCH:
+        assert inference["batch32_latency_s"] > 0 and inference["batch32_peak_mem_mb"] > 0
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params_total"]
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_evaluate_reproduces_the_report(ws, runs, method):
+    out, report, _ = runs[method]
+    rc, stdout, err = run_cli(["evaluate", out / "model", "--task", "sst2", "--data", ws / "sst2", "--max-length",
+                               "16"])
+    assert rc == 0, err
+    assert json.loads(stdout) == report["metrics"]
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_exports_predict_both_classes(ws, runs, method):
+    """Otherwise 'evaluate reproduces the metric' could just mean 'both predict one class everywhere'."""
+    out, report, _ = runs[method]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out / "model")
+    dev = [line.split("\t") for line in (ws / "sst2" / "dev.tsv").read_text().splitlines()[1:]]
+    batch = tok([text for text, _ in dev], padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**batch).logits.argmax(-1)
+    assert set(pred.tolist()) == {0, 1}
+    right = sum(int(p == int(label)) for p, (_, label) in zip(pred.tolist(), dev, strict=True))
+    assert report["metrics"]["accuracy"] == right / len(dev)
+
+
+def test_prune_lora_trains_little_and_keeps_fewer_heads(runs):
+    full, lora, prune_lora = (runs[m][1] for m in ("full", "lora", "prune-lora"))
+    assert prune_lora["trainable_params"] < 0.1 * full["trainable_params"]
+    assert prune_lora["trainable_params"] < lora["trainable_params"]
+    assert full["heads"] == lora["heads"] == "12/12"
+    assert prune_lora["heads"] == "6/12"  # --heads-keep 0.5
+    assert prune_lora["params_total"] < full["params_total"] == full["params_dense"]
+    assert set(prune_lora["block_ranks"].values()) == {8, 4}
+    assert prune_lora["plan"]["family"] == "bert"
+
+
+@pytest.mark.parametrize("method", ["lora-prune", "apt"])
+def test_budgeted_methods_meet_keep_params(runs, method):
+    _, report, _ = runs[method]
+    assert 0.45 <= report["layer_params_kept"] <= 0.5
+    assert report["params_total"] < report["params_dense"]
+    if method == "apt":
+        assert report["timeline"][-1]["layer_params"] == report["layer_params"]
+        assert min(map(float, report["schedule"].values())) == 0.5
+        assert report["distill"] is True
+
+
+@pytest.mark.parametrize("method", LORA_METHODS)
+def test_adapter_reloads_onto_its_pruned_base(ws, runs, method):
+    """DIR/adapter on the base it was trained on (the dense base cut to the run's layout) reproduces the export."""
+    out, _, _ = runs[method]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(ws / "bert").eval()
+    layout = json.loads((out / "model" / "config.json").read_text()).get("prunetune_layout")
+    assert (layout is not None) == (method != "lora")
+    if layout is not None:
+        restore_layout(base, PruningPlan.from_dict(layout))
+    loaded = adapters.load_adapter(base, out / "adapter").eval()
+    export = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out / "model")
+    batch = tok(["the film was good", "a dull and long plot but fun"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert max_diff(loaded(**batch).logits, export(**batch).logits) <= 1e-4
+
+
+def test_existing_output_is_refused(ws, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    rc, _, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", "lora", "--out", out])
+    assert rc == 2
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("prunetune: error:") and "--overwrite" in lines[0]
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("bad", [["--rank", "0"], ["--keep-params", "-0.5"], ["--heads-keep", "-1"],
+                                 ["--keep-params", "1.5"], ["--epochs", "0"]])
+def test_bad_values_are_rejected(ws, tmp_path, bad):
+    method = "apt" if "--keep-params" in bad else "prune-lora" if "--heads-keep" in bad else "lora"
+    rc, _, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", method, "--out", tmp_path / "out", *bad])
+    assert rc == 2
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("prunetune: error:")
+    assert bad[0] in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Stop(TrainHook):
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def after_step(self, step, total, model, optimizer):
+        if step == 2:  # mid-run: a step was taken and metrics.jsonl was written to
+            raise self.exc
+        return False
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("boom")])
+@pytest.mark.parametrize("method", ["lora", "apt"])
+def test_an_interrupted_run_leaves_nothing(ws, tmp_path, monkeypatch, exc, method):
+    import prunetune.apt
+
+    real_fit = recipes.fit
+
+    def interrupted_fit(*args, **kwargs):
+        kwargs["hooks"] = [*kwargs.get("hooks", ()), _Stop(exc)]
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(recipes, "fit", interrupted_fit)
+    monkeypatch.setattr(prunetune.apt, "fit", interrupted_fit)
+    out = tmp_path / "run" / "out"
+    args = ["finetune", ws / "bert", *common(ws), "--method", method, "--out", out, *METHOD_ARGS[method]]
+    if isinstance(exc, KeyboardInterrupt):
+        rc, _, err = run_cli(args)
+        assert rc == 130 and error_lines(err)[-1] == "prunetune: interrupted"
+    else:
+        with pytest.raises(RuntimeError, match="boom"):
+            run_cli(args)
+    assert not out.exists()
+    assert list((tmp_path / "run").iterdir()) == []  # no temporary sibling either
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real embedded model on real SST-2 rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lora_on_the_embedded_model_learns_real_sst2_rows():
+    from prunetune import models, tasks
+    from prunetune.data import get_task, load_split, make_loader, tokenize
+    from prunetune.train import TrainConfig, fit
+
+    location = models.resolve(None)
+    tokenizer = models.load_tokenizer(location)
+    model = tasks.get("sst2").load_model(location)
+    rows = load_split(get_task("sst2"), "train", None, limit=64, seed=0)  # the bundled sample
+    loader = make_loader(tokenize(rows, tokenizer, 64), tokenizer, 16, shuffle=True, seed=0)
+    peft_model = adapters.apply_lora(model, rank=8)
+    cfg = TrainConfig(epochs=5, lr=2e-3, warmup_ratio=0.1, seed=0, progress=False)
+    result = fit(peft_model, loader, lambda m: {"main": 0.0}, cfg, device=torch.device("cpu"))
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 20  # 4 batches of 16, 5 passes
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.03
