@@ -237,6 +237,18 @@ def _isolated_inference(task, model_dir: Path, cfg: FinetuneConfig) -> dict:
     }
 
 
+def _warm_imports(location: str) -> None:
+    """Import what the run will import anyway (model code, PEFT, metrics, plotting) before the baseline."""
+    import matplotlib.pyplot  # noqa: F401
+    import peft  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(location)
+    for arch in config.architectures or []:
+        getattr(transformers, arch.removeprefix("Prunetune"), None)  # imports the modeling module
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one method end to end and write DIR/model, DIR/adapter, DIR/report.{json,md}, logs and scores."""
     cfg.check()
@@ -246,13 +258,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise PrunetuneError(f"output directory {out} already holds a run (use --overwrite to replace it)")
     task = tasks.get(cfg.task)
-    memory = MemoryBaseline()  # before the model is loaded: the libraries' fixed cost is not counted
     location = resolve(cfg.model)
     tokenizer = load_tokenizer(location)
-    model = task.load_model(location)
-    check_tokenizer(tokenizer, model.config)
-    dense = model_info(model)
-    dense_layer_params = layer_param_count(model)
     loaders = task.loaders(
         tokenizer,
         data=cfg.data,
@@ -263,6 +270,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
+    _warm_imports(location)
+    # The baseline is taken with the data loaded and every library imported, just before the model: what
+    # is measured is the model and the method, not the fixed cost of the libraries.
+    memory = MemoryBaseline()
+    model = task.load_model(location)
+    check_tokenizer(tokenizer, model.config)
+    dense = model_info(model)
+    dense_layer_params = layer_param_count(model)
     train_loader, dev_loader, sample_loader = loaders.train, loaders.dev, loaders.sample
 
     def evaluate(m: nn.Module) -> dict:
