@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,23 +29,24 @@ from prunetune.plan import Budget  # noqa: E402
 TARGET_RATIO = 0.50
 
 
-def build_dense(out: Path) -> dict:
+def build_dense(out: Path, reuse: bool) -> dict:
     """The embedded model with a fresh 2-label head, saved with the stock save_pretrained."""
     from transformers import AutoModelForSequenceClassification
 
     from prunetune.plan import model_info
 
-    if not (out / "info.json").exists():
+    if not (reuse and (out / "info.json").exists()):
         model = AutoModelForSequenceClassification.from_pretrained(models.resolve(None), num_labels=2)
+        shutil.rmtree(out, ignore_errors=True)
         model.save_pretrained(out)
         info = model_info(model)
         (out / "info.json").write_text(json.dumps({k: info[k] for k in ("params", "layer_params", "heads", "ffn")}))
     return json.loads((out / "info.json").read_text())
 
 
-def build_pruned(out: Path, keep_params: float, round_to: int, samples: int) -> dict:
+def build_pruned(out: Path, keep_params: float, round_to: int, samples: int, reuse: bool) -> dict:
     """The embedded model pruned with SST-2 importance (the bundled sample) to `keep_params` of its layers."""
-    if not (out / "prune.json").exists():
+    if not (reuse and (out / "prune.json").exists()):
         budget = Budget(keep_params=keep_params, round_to=round_to)
         run_prune(None, str(out), budget=budget, task="sst2", samples=samples, overwrite=True)
     return json.loads((out / "prune.json").read_text())
@@ -83,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-params", type=float, default=0.4, help="fraction of layer parameters to keep")
     p.add_argument("--round-to", type=int, default=None, help="also measure a variant with FFN widths rounded")
     p.add_argument("--samples", type=int, default=256, help="SST-2 examples for the importance scores")
-    p.add_argument("--workdir", help="where the models are built (kept, and reused when present); default: tmp")
+    p.add_argument("--workdir", help="where the models are built (and kept); default: a temporary directory")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure the models already in --workdir instead of building them again (they may be stale)")
     p.add_argument("--out", help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -93,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prunetune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     k = f"{args.keep_params:g}"
-    dense_info = build_dense(work / "dense")
+    dense_info = build_dense(work / "dense", args.reuse)
     dirs = {"dense": work / "dense", f"pruned {k}": work / f"pruned_k{k}"}
-    reports = {f"pruned {k}": build_pruned(dirs[f"pruned {k}"], args.keep_params, 1, args.samples)}
+    reports = {f"pruned {k}": build_pruned(dirs[f"pruned {k}"], args.keep_params, 1, args.samples, args.reuse)}
     if args.round_to and args.round_to > 1:
         name = f"pruned {k} round-to {args.round_to}"
         dirs[name] = work / f"pruned_k{k}_r{args.round_to}"
-        reports[name] = build_pruned(dirs[name], args.keep_params, args.round_to, args.samples)
+        reports[name] = build_pruned(dirs[name], args.keep_params, args.round_to, args.samples, args.reuse)
     shapes = {"dense": (dense_info["heads"], dense_info["ffn"])}
     shapes.update({n: (int(r["heads"].split("/")[0]), int(r["ffn"].split("/")[0])) for n, r in reports.items()})
 

@@ -5,15 +5,18 @@ before the model was loaded; the CUDA context itself is not counted). On the CPU
 resident set: the baseline is the RSS just before the model is loaded and the peak is the RSS high-water mark.
 
 A process's high-water mark never goes down by itself, so a CPU peak is only attributable to one model when
-nothing bigger ran earlier in the same process. Two things make that hold here:
+nothing bigger ran earlier in the same process. What makes it hold here:
 
-* on Linux the meter restarts the mark at ``start()`` (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``);
+* on Linux the meter restarts the mark at ``start()`` (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``;
+  process-wide: another peak reader in the same process loses its history);
 * :func:`compare_inference` measures every model in its own fresh interpreter (:func:`run_isolated`), so the
-  baseline is not inflated by memory an earlier model left in the allocator either.
+  baseline is not inflated by memory an earlier model left in the allocator either;
+* the memory run compacts glibc's heap first (:func:`compact_heap`), else the peak depends on the heap's
+  history and identical runs differ by 15-20%.
 
 ``VmHWM`` is read rather than ``getrusage().ru_maxrss``: across ``vfork``+``exec`` (what ``subprocess`` uses)
 the kernel carries the *parent's* peak into the child's ``ru_maxrss``, so a child started by a process that
-once held a 1.5 GB model reports at least 1.5 GB whatever it does. ``ru_maxrss`` is the fallback off Linux.
+once held 1.6 GB reports 1.6 GB whatever it does. ``ru_maxrss`` is the fallback off Linux.
 """
 
 from __future__ import annotations

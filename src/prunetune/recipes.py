@@ -89,33 +89,18 @@ class FinetuneConfig:
                 raise PrunetuneError(f"--{name.replace('_', '-')} must be in (0, 1] (or a count), got {v}")
 
 
-class MemoryBaseline:
-    """Peak training memory: GPU allocator peak, or the process's peak RSS above its pre-model level."""
+def _memory_meter():
+    """Peak training memory above the level just before the model loads (prunetune.bench.MemoryMeter)."""
+    from prunetune.bench import MemoryMeter
 
-    def __init__(self):
-        from prunetune.bench import current_rss_mb
+    return MemoryMeter(pick_device()).start()
 
-        self.device = pick_device()
-        self.start_mb = current_rss_mb()
-        if self.device.type == "cuda":
-            import torch
 
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            import torch
-
-            return torch.cuda.max_memory_allocated() / 2**20
-        from prunetune.bench import peak_rss_mb
-
-        return max(0.0, peak_rss_mb() - self.start_mb)
-
-    @property
-    def how(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated over the run"
-        return "process peak resident memory (ru_maxrss) above the level just before the model was loaded"
+def _memory_how(meter) -> str:
+    if meter.cuda:
+        return "torch.cuda.max_memory_allocated above the allocation just before the model was loaded"
+    return ("process peak resident memory (VmHWM, restarted just before the model was loaded) above the "
+            "resident memory at that moment")
 
 
 def _train_config(cfg: FinetuneConfig, log_path: Path, epochs: float | None = None, lr: float | None = None):
@@ -273,7 +258,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     _warm_imports(location)
     # The baseline is taken with the data loaded and every library imported, just before the model: what
     # is measured is the model and the method, not the fixed cost of the libraries.
-    memory = MemoryBaseline()
+    memory = _memory_meter()
     model = task.load_model(location)
     check_tokenizer(tokenizer, model.config)
     dense = model_info(model)
@@ -286,7 +271,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         log_path = tmp / "metrics.jsonl"
         result = RUNNERS[cfg.method](cfg, model, train_loader, evaluate, log_path, sample_loader)
-        peak_train = memory.peak_mb()
+        peak_train = memory.read()
         adapter_dir = None
         if adapters.lora_layers(result.model):
             adapter_dir = tmp / "adapter"
@@ -322,7 +307,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "train_time_s": result.fit.train_time_s,
             "train_steps": result.fit.steps,
             "peak_train_mem_mb": peak_train,
-            "peak_train_mem_how": memory.how,
+            "peak_train_mem_how": _memory_how(memory),
             "inference": {
                 **_inference_timing(task, reloaded, dev_loader),
                 **_isolated_inference(task, tmp / "model", cfg),
