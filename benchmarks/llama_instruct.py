@@ -81,17 +81,16 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--scorers", nargs="+", default=["salience_kurtosis", "fisher"],
+                   help="importance scorers for pruning before training, one run each")
     args = p.parse_args()
     resolve("smollm2")  # dequantise the GGUF once into the fp32 cache, outside the measured runs
     out = Path(args.out)
-    lora = run("lora", args, out / "lora", [])
-    apt = run(
-        "apt",
-        args,
-        out / "apt-pbt",
-        ["--prune-before-training", "--keep-params", str(args.keep_params), "--no-distill"],
-    )
-    rows = [("LoRA, unpruned", lora), (f"APT prune-before-training ({args.keep_params:.0%})", apt)]
+    rows = [("LoRA, unpruned", run("lora", args, out / "lora", []))]
+    for scorer in args.scorers:
+        flags = ["--prune-before-training", "--keep-params", str(args.keep_params), "--no-distill", "--scorer", scorer]
+        rows.append((f"APT prune-before-training {args.keep_params:.0%}, {scorer}",
+                     run("apt", args, out / f"apt-pbt-{scorer}", flags)))
     lines = [
         "| run | held-out perplexity | params | layer params kept | heads | FFN | peak train mem MB | train time s |",
         "|---|---|---|---|---|---|---|---|",
