@@ -21,6 +21,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+
 from prunetune import models  # noqa: E402
 from prunetune.bench import compare_inference, machine_description, usable_cores  # noqa: E402
 from prunetune.pipeline import run_prune  # noqa: E402
@@ -29,13 +31,14 @@ from prunetune.plan import Budget  # noqa: E402
 TARGET_RATIO = 0.50
 
 
-def build_dense(out: Path, reuse: bool) -> dict:
+def build_dense(out: Path, reuse: bool, seed: int) -> dict:
     """The embedded model with a fresh 2-label head, saved with the stock save_pretrained."""
     from transformers import AutoModelForSequenceClassification
 
     from prunetune.plan import model_info
 
     if not (reuse and (out / "info.json").exists()):
+        torch.manual_seed(seed)  # the 2-label head is new: random
         model = AutoModelForSequenceClassification.from_pretrained(models.resolve(None), num_labels=2)
         shutil.rmtree(out, ignore_errors=True)
         model.save_pretrained(out)
@@ -44,9 +47,12 @@ def build_dense(out: Path, reuse: bool) -> dict:
     return json.loads((out / "info.json").read_text())
 
 
-def build_pruned(out: Path, keep_params: float, round_to: int, samples: int, reuse: bool) -> dict:
+def build_pruned(out: Path, keep_params: float, round_to: int, samples: int, reuse: bool, seed: int) -> dict:
     """The embedded model pruned with SST-2 importance (the bundled sample) to `keep_params` of its layers."""
     if not (reuse and (out / "prune.json").exists()):
+        # the task head is freshly initialised, and head_grad scores are gradients through it: unseeded,
+        # every build keeps different heads and neurons (30 to 34 heads at keep_params 0.4)
+        torch.manual_seed(seed)
         budget = Budget(keep_params=keep_params, round_to=round_to)
         run_prune(None, str(out), budget=budget, task="sst2", samples=samples, overwrite=True)
     return json.loads((out / "prune.json").read_text())
@@ -85,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-params", type=float, default=0.4, help="fraction of layer parameters to keep")
     p.add_argument("--round-to", type=int, default=None, help="also measure a variant with FFN widths rounded")
     p.add_argument("--samples", type=int, default=256, help="SST-2 examples for the importance scores")
+    p.add_argument("--seed", type=int, default=0, help="seeds the new classification heads (and so the selection)")
     p.add_argument("--workdir", help="where the models are built (and kept); default: a temporary directory")
     p.add_argument("--reuse", action="store_true",
                    help="measure the models already in --workdir instead of building them again (they may be stale)")
@@ -97,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prunetune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     k = f"{args.keep_params:g}"
-    dense_info = build_dense(work / "dense", args.reuse)
-    dirs = {"dense": work / "dense", f"pruned {k}": work / f"pruned_k{k}"}
-    reports = {f"pruned {k}": build_pruned(dirs[f"pruned {k}"], args.keep_params, 1, args.samples, args.reuse)}
+    dense_info = build_dense(work / "dense", args.reuse, args.seed)
+    dirs = {"dense": work / "dense"}
+    variants = {f"pruned {k}": (f"pruned_k{k}", 1)}
     if args.round_to and args.round_to > 1:
-        name = f"pruned {k} round-to {args.round_to}"
-        dirs[name] = work / f"pruned_k{k}_r{args.round_to}"
-        reports[name] = build_pruned(dirs[name], args.keep_params, args.round_to, args.samples, args.reuse)
+        variants[f"pruned {k} round-to {args.round_to}"] = (f"pruned_k{k}_r{args.round_to}", args.round_to)
+    reports = {}
+    for name, (folder, round_to) in variants.items():
+        dirs[name] = work / folder
+        reports[name] = build_pruned(dirs[name], args.keep_params, round_to, args.samples, args.reuse, args.seed)
     shapes = {"dense": (dense_info["heads"], dense_info["ffn"])}
     shapes.update({n: (int(r["heads"].split("/")[0]), int(r["ffn"].split("/")[0])) for n, r in reports.items()})
 
