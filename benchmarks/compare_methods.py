@@ -6,7 +6,7 @@ the level just before the model was loaded). Inference latency and memory of the
 then measured in fresh processes, interleaved in rounds (prunetune.bench.compare_inference).
 
     python benchmarks/compare_methods.py --methods full lora prune-lora --out runs/compare
-    python benchmarks/compare_methods.py --methods full lora lora-prune prune-lora apt --keep-params 0.4
+    python benchmarks/compare_methods.py --epochs 1 --keep-params 0.4   # all methods, and apt-distill
 
 Prints the table of the Pruning-Adapter paper (accuracy, parameters, memory, relative training time,
 inference) and APT's (everything relative to full fine-tuning), and writes results.json / results.md.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 from prunetune.bench import compare_inference, machine_description
 
-VARIANTS = {"apt-nodistill": ("apt", ["--no-distill"])}  # extra rows: a method with other flags
+# extra rows: a method with other flags. apt-distill: self-distillation, whose teacher is the best evaluation so far
+VARIANTS = {"apt-distill": ("apt", ["--distill", "--eval-every", "25"])}
 
 
 def run_method(name: str, args, out: Path) -> dict:
@@ -42,10 +43,14 @@ def run_method(name: str, args, out: Path) -> dict:
         cmd += ["--keep-params", str(args.keep_params)]
     if method == "prune-lora" and args.neurons_keep:
         cmd += ["--neurons-keep", str(args.neurons_keep)]
-    if method == "apt" and args.apt_eval_every:
-        cmd += ["--eval-every", str(args.apt_eval_every)]  # the self-distillation teacher is the best eval so far
     cmd += extra
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    if args.heap == "compact":
+        # glibc's default keeps freed activations in the heap (its mmap threshold grows to 32 MiB), so the
+        # resident peak measured the allocator's history more than the method: 1125 MB for a LoRA run whose
+        # live tensors peak near 480 MB. A fixed 64 KiB threshold maps every larger block on its own and
+        # unmaps it on free; it slows CPU training ~1.5x, for every method alike.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -76,9 +81,9 @@ def table(results: dict[str, dict], infer: dict[str, dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["full", "lora", "lora-prune", "prune-lora", "apt"])
+    p.add_argument("--methods", nargs="+", default=["full", "lora", "lora-prune", "prune-lora", "apt", "apt-distill"])
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--train-limit", type=int, default=None, help="default: the bundled 4000-row SST-2 sample")
@@ -87,7 +92,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--keep-params", type=float, default=0.4)
     p.add_argument("--neurons-keep", type=float, default=None, help="prune-lora: also prune FFN neurons")
-    p.add_argument("--apt-eval-every", type=int, default=0, help="apt: evaluate every N steps")
+    p.add_argument("--heap", choices=["compact", "default"], default="compact",
+                   help="CPU training processes: compact = resident memory follows the live tensors (see run_method)")
     p.add_argument("--latency-batch", type=int, default=32)
     p.add_argument("--latency-seq", type=int, default=128)
     args = p.parse_args()
@@ -97,11 +103,13 @@ def main() -> None:
     infer = compare_inference({m: str(out / m / "model") for m in args.methods}, batch_size=args.latency_batch,
                               seq_len=args.latency_seq)
     text = table(results, infer)
+    heap_note = (" (glibc mmap threshold 64 KiB: training memory = live tensors; CPU training ~1.5x slower, "
+                 "for every method)") if args.heap == "compact" else ""
     header = (
         f"SST-2, embedded all-MiniLM-L6-v2 (BERT, 6x12 heads); train: bundled 4000-row sample"
         f"{f' (first {args.train_limit} of a seeded shuffle)' if args.train_limit else ''}, dev: all 872 rows; "
         f"max length {args.max_length}, {args.epochs:g} epochs, batch {args.batch_size}, seed {args.seed}; "
-        f"lora-prune/apt target {args.keep_params:.0%} of layer params.\n"
+        f"lora-prune/apt target {args.keep_params:.0%} of layer params; heap: {args.heap}{heap_note}.\n"
         f"Measured {dt.date.today()} on {machine_description()}.\n"
     )
     print("\n" + header + "\n" + text)

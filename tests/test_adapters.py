@@ -14,6 +14,7 @@ from prunetune import adapters
 from prunetune.errors import PrunetuneError
 from prunetune.families import layer_sites
 from prunetune.masks import attach
+from prunetune.plan import PruningPlan
 from prunetune.surgery import SliceLog, apply_plan
 
 TOL = 1e-4
@@ -138,11 +139,33 @@ def test_merged_equals_unmerged(family):
     assert max_diff(logits(merged, inputs), unmerged) <= TOL
 
 
+@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
+def test_all_targets_add_the_ffn_linears_and_skip_an_emptied_ffn(family):
+    model = tiny(family, TASK[family])
+    emptied = layer_sites(model)[0].key
+    apply_plan(model, PruningPlan(family, neurons={emptied: []}))
+    peft_model = adapters.apply_lora(model, rank=2, targets="all")
+    wrapped = {id(m) for m in adapters.lora_layers(peft_model).values()}
+    for lay in layer_sites(peft_model):
+        ffn = {id(m) for m in (*lay.ffn.inputs, lay.ffn.output)}
+        attention = {id(s.proj(w)) for s in lay.attentions.values() if s.num_heads for w in "qkvo"}
+        assert attention <= wrapped, lay.key
+        if lay.key == emptied:
+            assert lay.ffn.width == 0 and not ffn & wrapped  # a zero-width adapter would train nothing
+        else:
+            assert ffn <= wrapped, lay.key
+    plain = adapters.apply_lora(tiny(family, TASK[family]), rank=2)
+    assert len(adapters.lora_layers(plain)) < len(wrapped)
+    with pytest.raises(PrunetuneError, match="LoRA targets"):
+        adapters.apply_lora(tiny(family, TASK[family]), rank=2, targets="ffn")
+
+
+@pytest.mark.parametrize("targets", ["attention", "all"])
 @pytest.mark.parametrize("family", ["bert", "roberta", "t5", "llama"])
-def test_lora_on_a_physically_pruned_model(family):
+def test_lora_on_a_physically_pruned_model(family, targets):
     model = tiny(family, TASK[family])
     inputs = tiny_inputs(family)
-    peft_model = adapters.apply_lora(model, rank=3)
+    peft_model = adapters.apply_lora(model, rank=3, targets=targets)
     lively_b(peft_model)
     plan = make_plan(family, peft_model, "all")
     with attach(peft_model, masks_for(peft_model, plan)):
@@ -166,6 +189,12 @@ def test_lora_on_a_physically_pruned_model(family):
     assert torch.equal(q.lora_B[adapters.ADAPTER].weight, q_b[rows])
     assert torch.equal(o.lora_A[adapters.ADAPTER].weight, o_a[:, rows])
     assert torch.equal(o.lora_B[adapters.ADAPTER].weight, o_b[hidden])
+    if targets == "all":  # FFN adapters: the input projections' B lose the pruned neurons' rows, the output's A
+        lay = layer_sites(peft_model)[0]  # their columns
+        width = lay.ffn.width
+        assert width == len(plan.neurons[lay.key])
+        assert all(m.lora_B[adapters.ADAPTER].weight.shape[0] == width for m in lay.ffn.inputs)
+        assert lay.ffn.output.lora_A[adapters.ADAPTER].weight.shape[1] == width
     for name, layer in adapters.lora_layers(peft_model).items():
         base = layer.base_layer.weight
         a, b = layer.lora_A[adapters.ADAPTER].weight, layer.lora_B[adapters.ADAPTER].weight

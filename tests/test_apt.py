@@ -125,7 +125,7 @@ def check_consistent(model, optimizer=None) -> None:
 def run_apt_fit(family: str, *, keep: float = 0.5, distill: bool = True, seed: int = 0, steps: int = 12):
     model = classifier(family)
     dense = layer_param_count(model)
-    peft_model = adapters.apply_lora(model, rank=2)
+    peft_model = adapters.apply_lora(model, rank=2, targets="all")  # apt's adapters: attention and FFN
     batches = batches_for(family)
     apt_cfg = AptConfig(keep_params=keep, prune_steps=4, prune_start=0.1, prune_end=0.6, distill=distill)
     hook = CheckingHook(peft_model, apt_cfg, steps, dense, probe=batches[0])

@@ -148,6 +148,21 @@ def test_prune_with_task_data(ws, capsys, tmp_path):
     assert PruningPlan.load(tmp_path / "out" / "plan.json").meta["scorer"] == "head_grad"
 
 
+def test_prune_with_task_data_is_reproducible(ws, capsys, tmp_path):
+    """A backbone without a task head gets a new, random one whose gradients decide the scores: seeded."""
+    backbone = tmp_path / "backbone"
+    transformers.BertModel.from_pretrained(ws / "bert").save_pretrained(backbone)
+    transformers.AutoTokenizer.from_pretrained(ws / "bert").save_pretrained(backbone)
+    plans = []
+    for name in ("a", "b"):
+        rc, _, err = cli(capsys, "prune", backbone, "--task", "sst2", "--data", ws / "sst2.tsv", "--samples", "8",
+                         "--heads-keep", "5", "--neurons-keep", "0.3", "--out", tmp_path / name)
+        assert rc == 0, err
+        plans.append(PruningPlan.load(tmp_path / name / "plan.json"))
+        torch.manual_seed(len(plans))  # whatever the global generator holds before the next run
+    assert (plans[0].heads, plans[0].neurons) == (plans[1].heads, plans[1].neurons)
+
+
 def test_importance_one_task(ws, capsys, tmp_path):
     out = tmp_path / "imp"
     rc, text, err = cli(capsys, "importance", ws / "bert", "--task", "sst2", "--data", ws / "sst2.tsv",

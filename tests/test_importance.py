@@ -10,7 +10,7 @@ from engine_helpers import labelled_batches, tiny
 
 from prunetune.errors import PrunetuneError
 from prunetune.families import hidden_size, layer_sites
-from prunetune.importance import SCORERS, Scores, compute, heatmap, rank_correlation
+from prunetune.importance import SCORERS, ActivationStats, Scores, compute, heatmap, rank_correlation
 
 DATA_SCORERS = ["head_grad", "taylor", "fisher", "salience", "salience_kurtosis"]
 ZERO_FOR_SILENT_HEAD = ["head_grad", "taylor", "fisher", "salience"]
@@ -147,3 +147,28 @@ def test_rank_correlation(family):
     assert rank_correlation(scores, flipped) == pytest.approx(-1.0)
     with pytest.raises(PrunetuneError):
         rank_correlation(scores, Scores(heads={"elsewhere/self": [1.0, 2.0]}))
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])  # a causal LM's loss averages tokens: no common factor
+def test_in_training_fisher_equals_squared_per_example_mask_gradients(family):
+    """ActivationStats' fisher signal, read off an ordinary backward over whole batches, equals Kwon's
+    Fisher: the squared gradient of a mask on each structure, one example at a time."""
+    model = tiny(family)
+    batches = labelled_batches(family)
+    singles = [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
+    want = compute(model, singles, "fisher")
+    model.eval()
+    stats = ActivationStats(model, hidden=False, signal="fisher")
+    for batch in batches:
+        model.zero_grad()
+        model(**batch).loss.backward()
+        stats.step()
+    stats.remove()
+    got = stats.to_scores()
+    assert got.heads.keys() == want.heads.keys() and got.neurons.keys() == want.neurons.keys()
+    n = len(batches[0]["input_ids"])  # the batch loss is a mean: per-example gradients in it are 1/n of their own
+    for mine, ref in [*((got.heads[k], want.heads[k]) for k in want.heads),
+                      *((got.neurons[k], want.neurons[k]) for k in want.neurons)]:
+        assert [n * n * v for v in mine] == pytest.approx(ref, rel=1e-4, abs=1e-12)
+    with pytest.raises(PrunetuneError, match="unknown activation signal"):
+        ActivationStats(model, signal="nope")

@@ -29,7 +29,7 @@ METHOD_ARGS = {
     "lora": [],
     "prune-lora": ["--heads-keep", "0.5"],
     "lora-prune": ["--keep-params", "0.5"],
-    "apt": ["--keep-params", "0.5"],
+    "apt": ["--keep-params", "0.5", "--distill", "--eval-every", "2"],  # evaluations give the teacher
 }
 LORA_METHODS = ("lora", "prune-lora", "lora-prune", "apt")
 
@@ -192,7 +192,7 @@ def test_budgeted_methods_meet_keep_params(runs, method):
     if method == "apt":
         assert report["timeline"][-1]["layer_params"] == report["layer_params"]
         assert min(map(float, report["schedule"].values())) == 0.5
-        assert report["distill"] is True
+        assert report["distill"] is True and report["teacher_mem_mb"] > 0
 
 
 @pytest.mark.parametrize("method", LORA_METHODS)
@@ -233,6 +233,27 @@ def test_bad_values_are_rejected(ws, tmp_path, bad):
     assert len(lines) == 1 and lines[0].startswith("prunetune: error:")
     assert bad[0] in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_is_reproducible_from_a_backbone_without_a_head(ws, tmp_path, monkeypatch):
+    """The task head and the adapters start random: a seeded run must give the same model and metrics twice."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(recipes, "_isolated_inference", lambda task, model_dir, cfg: {
+        "batch32_latency_s": 0.0, "batch32_peak_mem_mb": 0.0, "batch32_seq_len": cfg.max_length})
+    backbone = tmp_path / "backbone"
+    transformers.BertModel.from_pretrained(ws / "bert").save_pretrained(backbone)
+    transformers.AutoTokenizer.from_pretrained(ws / "bert").save_pretrained(backbone)
+    reports = []
+    for name in ("a", "b"):
+        rc, _, err = run_cli(["finetune", backbone, *common(ws), "--method", "apt", "--keep-params", "0.5",
+                              "--out", tmp_path / name])
+        assert rc == 0, err
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+        torch.manual_seed(len(reports))  # whatever the global generator holds before the next run
+    assert reports[0]["metrics"] == reports[1]["metrics"] and reports[0]["timeline"] == reports[1]["timeline"]
+    a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class _Stop(TrainHook):

@@ -21,19 +21,30 @@ from prunetune.families import all_norms, base_model, layer_sites, out_width, un
 ADAPTER = "default"
 
 
-def attention_targets(model: nn.Module) -> dict[str, list[str]]:
-    """Full module names of the q/k/v/o linears, by layer key; sites with no head left are skipped."""
+LORA_TARGETS = ("attention", "all")  # q/k/v/o only (LoRA, Pruning-Adapter); + the FFN's linears (APT)
+
+
+def lora_targets(model: nn.Module, which: str = "attention") -> dict[str, list[str]]:
+    """Full module names of the linears that get adapters, by layer key.
+
+    ``attention``: q/k/v/o; ``all``: those and the FFN's input and output projections. Sites with no head
+    left and FFNs with no neuron left are skipped (a zero-width adapter would train nothing).
+    """
+    if which not in LORA_TARGETS:
+        raise PrunetuneError(f"unknown LoRA targets {which!r}; known: {', '.join(LORA_TARGETS)}")
     top = unwrap(model)
     names = {id(m): n for n, m in top.named_modules()}
     out: dict[str, list[str]] = {}
     for lay in layer_sites(top):
+        mods = []
         for site in lay.attentions.values():
-            if not site.num_heads:
-                continue
-            for which in ("q", "k", "v", "o"):
-                mod = site.proj(which)
-                if mod is not None and out_width(mod) > 0:
-                    out.setdefault(lay.key, []).append(names[id(mod)])
+            if site.num_heads:
+                mods += [site.proj(w) for w in ("q", "k", "v", "o")]
+        if which == "all" and lay.ffn.width:
+            mods += [*lay.ffn.inputs, lay.ffn.output]
+        for mod in mods:
+            if mod is not None and out_width(mod) > 0:
+                out.setdefault(lay.key, []).append(names[id(mod)])
     return out
 
 
@@ -54,8 +65,10 @@ def apply_lora(
     block_rank: dict[str, int] | None = None,
     train_norms: bool = True,
     train_head: bool = True,
+    targets: str = "attention",
 ):
-    """Wrap the model with LoRA on q/k/v/o (per-block ranks via PEFT's rank_pattern); freeze the rest.
+    """Wrap the model with LoRA on q/k/v/o (`targets="all"`: and the FFN; per-block ranks via PEFT's
+    rank_pattern); freeze the rest.
 
     Trainable afterwards: the adapters, and optionally every norm and the task head (Pruning-Adapter's
     setting). `alpha` defaults to 2 x rank, so scaling = 2 whatever the rank.
@@ -64,13 +77,13 @@ def apply_lora(
 
     if rank <= 0:
         raise PrunetuneError("LoRA rank must be positive")
-    targets = attention_targets(model)
-    names = [n for v in targets.values() for n in v]
+    target_names = lora_targets(model, targets)
+    names = [n for v in target_names.values() for n in v]
     if not names:
-        raise PrunetuneError("no attention projection left to put LoRA on")
+        raise PrunetuneError(f"no {targets} projection left to put LoRA on")
     rank_pattern, alpha_pattern = {}, {}
     for key, r in (block_rank or {}).items():
-        for n in targets.get(key, []):
+        for n in target_names.get(key, []):
             rank_pattern[n] = r
             alpha_pattern[n] = 2 * r if alpha is None else alpha
     config = LoraConfig(

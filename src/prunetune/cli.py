@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="evaluate on a seeded subset of this many examples")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: every epoch)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (lora) / starting rank (apt)")
+    p.add_argument("--lora-targets", choices=["attention", "all"],
+                   help="linears with adapters: q/k/v/o, or also the FFN's (default: all for apt, else attention)")
     p.add_argument("--rank-high", type=int, default=8)
     p.add_argument("--rank-low", type=int, default=4)
     p.add_argument("--top-blocks", type=int, default=None,
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neurons-keep", type=float, default=None)
     p.add_argument("--keep-params", type=float, default=None)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
+                   help="apt: self-distillation from the best evaluation so far (needs --eval-every)")
     p.add_argument("--prune-before-training", action="store_true")
     p.add_argument("--scorer", help="apt --prune-before-training: scorer (default salience_kurtosis)")
 

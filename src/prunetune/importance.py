@@ -88,10 +88,19 @@ class ActivationStats:
     ordinary backward pass, so they add no extra pass).
     """
 
-    def __init__(self, model: nn.Module, *, hidden: bool = True, moments: bool = False, ema: float | None = None):
+    SIGNALS = ("salience", "fisher")
+
+    def __init__(self, model: nn.Module, *, hidden: bool = True, moments: bool = False, ema: float | None = None,
+                 signal: str = "salience"):
+        if signal not in self.SIGNALS:
+            raise PrunetuneError(f"unknown activation signal {signal!r}; known: {', '.join(self.SIGNALS)}")
         self.model = model
         self.moments = moments
         self.ema = ema
+        # salience: sum over examples, tokens and a structure's dims of |a * dL/da| (APT).
+        # fisher: per example, the structure's summed a * dL/da is exactly dL/dmask of a mask on it (Kwon et al.);
+        # its square, summed over examples, is the empirical Fisher, read off the same backward pass.
+        self.signal = signal
         self.salience: dict[str, torch.Tensor] = {}
         self._step: dict[str, torch.Tensor] = {}
         self.stats: dict[str, torch.Tensor] = {}  # count, sum x, x^2, x^3, x^4 per unit
@@ -129,6 +138,7 @@ class ActivationStats:
         store[key] = store[key] + value if key in store else value
 
     def _observe(self, key: str, x: torch.Tensor, heads: int | None) -> None:
+        batch = x.shape[0] if x.dim() > 2 else 1
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         if heads:
             flat = flat.view(flat.shape[0], heads, -1)
@@ -141,9 +151,15 @@ class ActivationStats:
             self._add(self.stats, key, mom)
         if x.requires_grad:
 
-            def grad_hook(g, flat=flat, key=key, heads=heads):
-                prod = (flat * g.reshape(flat.shape).float()).abs()
-                self._add(self._step, key, prod.sum((0, 2)) if heads else prod.sum(0))
+            def grad_hook(g, flat=flat, key=key, heads=heads, batch=batch):
+                prod = flat * g.reshape(flat.shape).float()
+                if self.signal == "fisher":  # (examples, tokens, units[, head dim]) -> per example and unit
+                    per_example = prod.view(batch, -1, *prod.shape[1:]).sum(1)
+                    value = (per_example.sum(2) if heads else per_example).pow(2).sum(0)
+                else:
+                    prod = prod.abs()
+                    value = prod.sum((0, 2)) if heads else prod.sum(0)
+                self._add(self._step, key, value)
 
             x.register_hook(grad_hook)
 

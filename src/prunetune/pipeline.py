@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from prunetune import models, tasks
@@ -30,10 +31,15 @@ def model_kind(location: str) -> str:
     return "base"
 
 
-def load_task_model(model: str | None, task: str | None) -> tuple[nn.Module, object, str]:
-    """The model (with the task's head when a task is given), its tokenizer and its location."""
+def load_task_model(model: str | None, task: str | None, *, seed: int = 0) -> tuple[nn.Module, object, str]:
+    """The model (with the task's head when a task is given), its tokenizer and its location.
+
+    A new task head starts from random weights and its gradients decide the scores: seeding before the load
+    makes importance and pruning reproducible (two runs of `prunetune prune` pruned different heads).
+    """
     location = models.resolve(model)
     tokenizer = models.load_tokenizer(location)
+    torch.manual_seed(seed)
     net = tasks.get(task).load_model(location) if task else models.load_for_task(location, model_kind(location))
     check_tokenizer(tokenizer, net.config)
     return net.eval(), tokenizer, location
