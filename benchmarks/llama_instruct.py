@@ -55,10 +55,16 @@ def run(method: str, args, out: Path, extra: list[str]) -> dict:
         str(args.seed),
         "--rank",
         str(args.rank),
+        "--lr",
+        str(args.lr),
+        "--lora-targets",
+        args.lora_targets,
         *extra,
     ]
     print(f"== {method} {' '.join(extra)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    if args.heap == "compact":  # resident memory follows the live tensors (see compare_methods.py)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
@@ -78,8 +84,11 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--train-limit", type=int, default=160)
     p.add_argument("--eval-limit", type=int, default=100)
-    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--samples", type=int, default=64, help="calibration examples for pruning before training")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="the same for every run")
+    p.add_argument("--lora-targets", choices=["attention", "all"], default="all", help="the same for every run")
+    p.add_argument("--heap", choices=["compact", "default"], default="compact")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--scorers", nargs="+", default=["salience_kurtosis", "fisher"],
                    help="importance scorers for pruning before training, one run each")
@@ -88,7 +97,7 @@ def main() -> None:
     out = Path(args.out)
     rows = [("LoRA, unpruned", run("lora", args, out / "lora", []))]
     for scorer in args.scorers:
-        flags = ["--prune-before-training", "--keep-params", str(args.keep_params), "--no-distill", "--scorer", scorer]
+        flags = ["--prune-before-training", "--keep-params", str(args.keep_params), "--scorer", scorer]
         rows.append((f"APT prune-before-training {args.keep_params:.0%}, {scorer}",
                      run("apt", args, out / f"apt-pbt-{scorer}", flags)))
     lines = [
@@ -103,7 +112,9 @@ def main() -> None:
     header = (
         f"SmolLM2-135M-Instruct, Alpaca-GPT4 demo records: {args.train_limit} train / {args.eval_limit} held out "
         f"(seeded split), max length {args.max_length}, {args.epochs:g} epoch, batch {args.batch_size}, "
-        f"LoRA r={args.rank} on q/k/v/o. Peak memory: process peak RSS above the pre-load level.\n"
+        f"LoRA r={args.rank} on {'q/k/v/o' if args.lora_targets == 'attention' else 'q/k/v/o and the MLP'}, "
+        f"lr {args.lr:g}, {args.samples} calibration examples. Peak memory: process peak RSS above the pre-load level"
+        f"{' (glibc mmap threshold 64 KiB, so freed activations leave it)' if args.heap == 'compact' else ''}.\n"
         f"Measured {dt.date.today()} on {machine_description()}.\n"
     )
     text = header + "\n" + "\n".join(lines)

@@ -139,15 +139,20 @@ def test_merged_equals_unmerged(family):
     assert max_diff(logits(merged, inputs), unmerged) <= TOL
 
 
+@pytest.mark.parametrize("targets", ["ffn-in", "all"])
 @pytest.mark.parametrize("family", ["bert", "t5", "llama"])
-def test_all_targets_add_the_ffn_linears_and_skip_an_emptied_ffn(family):
+def test_ffn_targets_add_the_ffn_linears_and_skip_an_emptied_ffn(family, targets):
     model = tiny(family, TASK[family])
     emptied = layer_sites(model)[0].key
     apply_plan(model, PruningPlan(family, neurons={emptied: []}))
-    peft_model = adapters.apply_lora(model, rank=2, targets="all")
+    peft_model = adapters.apply_lora(model, rank=2, targets=targets)
     wrapped = {id(m) for m in adapters.lora_layers(peft_model).values()}
     for lay in layer_sites(peft_model):
-        ffn = {id(m) for m in (*lay.ffn.inputs, lay.ffn.output)}
+        ffn = {id(m) for m in lay.ffn.inputs}
+        if targets == "all":
+            ffn.add(id(lay.ffn.output))
+        else:  # ffn-in leaves the output projection alone
+            assert id(lay.ffn.output) not in wrapped, lay.key
         attention = {id(s.proj(w)) for s in lay.attentions.values() if s.num_heads for w in "qkvo"}
         assert attention <= wrapped, lay.key
         if lay.key == emptied:
@@ -160,7 +165,7 @@ def test_all_targets_add_the_ffn_linears_and_skip_an_emptied_ffn(family):
         adapters.apply_lora(tiny(family, TASK[family]), rank=2, targets="ffn")
 
 
-@pytest.mark.parametrize("targets", ["attention", "all"])
+@pytest.mark.parametrize("targets", ["attention", "ffn-in", "all"])
 @pytest.mark.parametrize("family", ["bert", "roberta", "t5", "llama"])
 def test_lora_on_a_physically_pruned_model(family, targets):
     model = tiny(family, TASK[family])
@@ -189,12 +194,13 @@ def test_lora_on_a_physically_pruned_model(family, targets):
     assert torch.equal(q.lora_B[adapters.ADAPTER].weight, q_b[rows])
     assert torch.equal(o.lora_A[adapters.ADAPTER].weight, o_a[:, rows])
     assert torch.equal(o.lora_B[adapters.ADAPTER].weight, o_b[hidden])
-    if targets == "all":  # FFN adapters: the input projections' B lose the pruned neurons' rows, the output's A
-        lay = layer_sites(peft_model)[0]  # their columns
+    if targets != "attention":  # FFN adapters: the input projections' B lose the pruned neurons' rows, the
+        lay = layer_sites(peft_model)[0]  # output's A their columns
         width = lay.ffn.width
         assert width == len(plan.neurons[lay.key])
         assert all(m.lora_B[adapters.ADAPTER].weight.shape[0] == width for m in lay.ffn.inputs)
-        assert lay.ffn.output.lora_A[adapters.ADAPTER].weight.shape[1] == width
+        if targets == "all":
+            assert lay.ffn.output.lora_A[adapters.ADAPTER].weight.shape[1] == width
     for name, layer in adapters.lora_layers(peft_model).items():
         base = layer.base_layer.weight
         a, b = layer.lora_A[adapters.ADAPTER].weight, layer.lora_B[adapters.ADAPTER].weight

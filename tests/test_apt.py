@@ -13,7 +13,7 @@ from engine_helpers import max_diff, tiny
 from prunetune import adapters
 from prunetune.apt import AptConfig, AptHook, cubic_schedule
 from prunetune.families import layer_sites
-from prunetune.plan import layer_param_count
+from prunetune.plan import layer_cost, layer_param_count
 from prunetune.train import TrainConfig, fit
 
 # ---------------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class CheckingHook(AptHook):
     def after_step(self, step, total, model, optimizer) -> bool:
         changed = super().after_step(step, total, model, optimizer)
         if changed:
-            self.after_pruning.append((step, self.schedule[step], layer_param_count(model)))
+            self.after_pruning.append((step, self.schedule[step], layer_cost(model, self.cfg.flops_seq)))
             check_consistent(model, optimizer)
             model.eval()
             out = logits(model, self.probe)
@@ -122,12 +122,12 @@ def check_consistent(model, optimizer=None) -> None:
                     assert state["exp_avg"].shape == p.shape == state["exp_avg_sq"].shape, name
 
 
-def run_apt_fit(family: str, *, keep: float = 0.5, distill: bool = True, seed: int = 0, steps: int = 12):
+def run_apt_fit(family: str, *, keep: float = 0.5, distill: bool = True, seed: int = 0, steps: int = 12, **cfg):
     model = classifier(family)
-    dense = layer_param_count(model)
+    apt_cfg = AptConfig(keep_params=keep, prune_steps=4, prune_start=0.1, prune_end=0.6, distill=distill, **cfg)
+    dense = layer_cost(model, apt_cfg.flops_seq)  # parameters, or FLOPs per token under keep_flops
     peft_model = adapters.apply_lora(model, rank=2, targets="all")  # apt's adapters: attention and FFN
     batches = batches_for(family)
-    apt_cfg = AptConfig(keep_params=keep, prune_steps=4, prune_start=0.1, prune_end=0.6, distill=distill)
     hook = CheckingHook(peft_model, apt_cfg, steps, dense, probe=batches[0])
     train_cfg = TrainConfig(epochs=steps / len(batches), lr=2e-3, eval_every=2, seed=seed, progress=False)
     try:
@@ -157,6 +157,17 @@ def test_apt_prunes_to_the_target_inside_fit(family):
     assert ranks[-1] > ranks[0]
     lora_now = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert lora_now <= hook.cfg.tuning_budget * hook.start_lora_params
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_apt_prunes_to_a_flops_target(family):
+    """--keep-flops: every step meets its share of the dense FLOPs per token at the stated sequence length."""
+    model, hook, result, dense_flops = run_apt_fit(family, keep_flops=0.5, seq_len=64)
+    assert hook.cfg.keep == 0.5 and min(hook.schedule.values()) == 0.5
+    for step, target, flops in hook.after_pruning:
+        assert flops <= target * dense_flops * (1 + 1e-9), step
+    assert 0.4 * dense_flops <= layer_cost(model, 64) <= 0.5 * dense_flops
+    check_consistent(model)
 
 
 def test_gqa_groups_stay_valid_on_llama():

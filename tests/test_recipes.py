@@ -224,7 +224,8 @@ def test_existing_output_is_refused(ws, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--rank", "0"], ["--keep-params", "-0.5"], ["--heads-keep", "-1"],
-                                 ["--keep-params", "1.5"], ["--epochs", "0"]])
+                                 ["--keep-params", "1.5"], ["--epochs", "0"], ["--keep-flops", "1.5"],
+                                 ["--keep-params", "0.5", "--keep-flops", "0.5"], ["--seq-len", "0"]])
 def test_bad_values_are_rejected(ws, tmp_path, bad):
     method = "apt" if "--keep-params" in bad else "prune-lora" if "--heads-keep" in bad else "lora"
     rc, _, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", method, "--out", tmp_path / "out", *bad])
@@ -233,6 +234,19 @@ def test_bad_values_are_rejected(ws, tmp_path, bad):
     assert len(lines) == 1 and lines[0].startswith("prunetune: error:")
     assert bad[0] in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["lora-prune", "apt"])
+def test_keep_flops_is_met_at_the_stated_length(ws, tmp_path, monkeypatch, method):
+    monkeypatch.setattr(recipes, "_isolated_inference", lambda task, model_dir, cfg: {
+        "batch32_latency_s": 0.0, "batch32_peak_mem_mb": 0.0, "batch32_seq_len": cfg.max_length})
+    rc, _, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", method, "--keep-flops", "0.5",
+                          "--seq-len", "256", "--out", tmp_path / "out"])
+    assert rc == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["flops_seq_len"] == 256
+    assert 0.4 <= report["layer_flops_kept"] <= 0.5 + 1e-9
+    assert report["layer_params_kept"] != pytest.approx(report["layer_flops_kept"], abs=1e-3)
 
 
 def test_a_run_is_reproducible_from_a_backbone_without_a_head(ws, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from prunetune.errors import PrunetuneError
 from prunetune.families import EmptyAttention, EmptyCore, hidden_size, layer_sites
 from prunetune.masks import attach
 from prunetune.plan import PruningPlan, layer_param_count, planned_param_count
-from prunetune.surgery import apply_plan, current_layout
+from prunetune.surgery import apply_plan, current_layout, own_storage
 
 TOL = 1e-4
 
@@ -237,3 +237,22 @@ def test_validate_refuses_gqa_breaking_plans(kept):
 @pytest.mark.parametrize("kept", [[0], [0, 3], [1, 2, 4, 5], [0, 1, 2], [3, 4, 5], [], [0, 1, 2, 3, 4, 5]])
 def test_validate_accepts_gqa_plans(kept):
     PruningPlan("llama", heads={"decoder.1/self": kept}).validate(tiny("llama"))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_own_storage_copies_off_the_checkpoint_and_changes_nothing(family, tmp_path):
+    """After pruning before training, the kept tensors leave the memory-mapped checkpoint (their pages would
+    stay resident): every tensor gets storage of its own, the function and weight tying stay as they were."""
+    import transformers
+
+    tiny(family, "classify").save_pretrained(tmp_path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    inputs = tiny_inputs(family)
+    before = logits(model, inputs)
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    tied = [(a, b) for a, b in [(model.get_input_embeddings(), model.get_output_embeddings())] if b is not None
+            and a.weight is b.weight]
+    own_storage(model)
+    assert all(p.data_ptr() != ptrs[n] for n, p in model.named_parameters())
+    assert all(a.weight is b.weight for a, b in tied)
+    assert torch.equal(logits(model, inputs), before)

@@ -21,14 +21,17 @@ from prunetune.families import all_norms, base_model, layer_sites, out_width, un
 ADAPTER = "default"
 
 
-LORA_TARGETS = ("attention", "all")  # q/k/v/o only (LoRA, Pruning-Adapter); + the FFN's linears (APT)
+# attention: q/k/v/o (LoRA, Pruning-Adapter). ffn-in: also the FFN's input projection(s). all: also its output
+# projection, whose input (the FFN's widest activation) an adapter must then keep for the backward pass.
+LORA_TARGETS = ("attention", "ffn-in", "all")
 
 
 def lora_targets(model: nn.Module, which: str = "attention") -> dict[str, list[str]]:
     """Full module names of the linears that get adapters, by layer key.
 
-    ``attention``: q/k/v/o; ``all``: those and the FFN's input and output projections. Sites with no head
-    left and FFNs with no neuron left are skipped (a zero-width adapter would train nothing).
+    ``attention``: q/k/v/o; ``ffn-in``: those and the FFN's input projection(s); ``all``: also its output
+    projection. Sites with no head left and FFNs with no neuron left are skipped (a zero-width adapter would
+    train nothing).
     """
     if which not in LORA_TARGETS:
         raise PrunetuneError(f"unknown LoRA targets {which!r}; known: {', '.join(LORA_TARGETS)}")
@@ -40,8 +43,8 @@ def lora_targets(model: nn.Module, which: str = "attention") -> dict[str, list[s
         for site in lay.attentions.values():
             if site.num_heads:
                 mods += [site.proj(w) for w in ("q", "k", "v", "o")]
-        if which == "all" and lay.ffn.width:
-            mods += [*lay.ffn.inputs, lay.ffn.output]
+        if which != "attention" and lay.ffn.width:
+            mods += [*lay.ffn.inputs, *([lay.ffn.output] if which == "all" else [])]
         for mod in mods:
             if mod is not None and out_width(mod) > 0:
                 out.setdefault(lay.key, []).append(names[id(mod)])

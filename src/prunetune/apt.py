@@ -23,8 +23,8 @@ from prunetune import adapters
 from prunetune.families import layer_sites, unwrap
 from prunetune.importance import ActivationStats, compute
 from prunetune.optim import _transform, remap_optimizer
-from prunetune.plan import Budget, PruningPlan, layer_param_count, model_info, select
-from prunetune.surgery import SliceLog, apply_plan
+from prunetune.plan import Budget, PruningPlan, layer_cost, model_info, select
+from prunetune.surgery import SliceLog, apply_plan, own_storage
 from prunetune.train import TrainConfig, TrainHook, fit
 
 
@@ -33,6 +33,8 @@ class AptConfig:
     """APT's knobs; defaults follow the paper where it states them."""
 
     keep_params: float = 0.4  # target fraction of the prunable layer parameters
+    keep_flops: float | None = None  # or: target fraction of the layers' FLOPs per token at `seq_len`
+    seq_len: int = 128  # the sequence length a FLOPs target is stated at
     prune_steps: int = 10  # pruning steps, spread over the early part of training
     # Salience needs some tuning to mean anything: pruning from 5% to 50% of a one-epoch SST-2 run gave 79.9,
     # from 20% to 60% 80.6 (benchmarks/README.md); the memory peak is the first steps' either way.
@@ -49,9 +51,25 @@ class AptConfig:
     distill_layers: int = 4  # layer pairs sampled per step for the layer-mapping loss
     temperature: float = 2.0
 
+    @property
+    def keep(self) -> float:
+        """The target fraction, of parameters or (given keep_flops) of FLOPs."""
+        return self.keep_flops if self.keep_flops is not None else self.keep_params
+
+    @property
+    def flops_seq(self) -> int | None:
+        """The sequence length costs are FLOPs at, or None when the budget is in parameters."""
+        return self.seq_len if self.keep_flops is not None else None
+
+    def budget(self, keep: float, reference: float | None = None) -> Budget:
+        """The engine's budget for keeping `keep` of the dense cost, in this config's unit."""
+        if self.keep_flops is not None:
+            return Budget(keep_flops=keep, seq_len=self.seq_len, reference=reference)
+        return Budget(keep_params=keep, reference=reference)
+
 
 def cubic_schedule(cfg: AptConfig, total_steps: int) -> dict[int, float]:
-    """Optimizer step -> fraction of the dense layer parameters to keep after pruning at that step."""
+    """Optimizer step -> fraction of the dense layer cost (parameters or FLOPs) to keep after that step."""
     if cfg.prune_steps <= 0:
         return {}
     start = max(1, round(cfg.prune_start * total_steps))
@@ -61,8 +79,8 @@ def cubic_schedule(cfg: AptConfig, total_steps: int) -> dict[int, float]:
     for i in range(1, n + 1):
         t = i / n
         step = start + round((end - start) * (i - 1) / max(1, n - 1)) if n > 1 else start
-        out[step] = cfg.keep_params + (1 - cfg.keep_params) * (1 - t) ** 3
-    out[max(out)] = cfg.keep_params  # the last step reaches the target exactly
+        out[step] = cfg.keep + (1 - cfg.keep) * (1 - t) ** 3
+    out[max(out)] = cfg.keep  # the last step reaches the target exactly
     return out
 
 
@@ -188,10 +206,12 @@ class SelfDistiller:
 class AptHook(TrainHook):
     """Salience collection, scheduled pruning, rank growth and self-distillation inside `fit`."""
 
-    def __init__(self, model: nn.Module, cfg: AptConfig, total_steps: int, dense_layer_params: int):
+    def __init__(self, model: nn.Module, cfg: AptConfig, total_steps: int, dense_cost: float):
+        """`dense_cost`: the dense model's layer parameters (or FLOPs per token, for keep_flops): the schedule's
+        fractions refer to it, not to the model at each step."""
         self.cfg = cfg
         self.schedule = cubic_schedule(cfg, total_steps)
-        self.reference = dense_layer_params
+        self.reference = dense_cost
         self.stats = ActivationStats(unwrap(model), hidden=cfg.hidden, ema=cfg.ema, signal=cfg.signal)
         layers = adapters.lora_layers(model)
         self.start_rank = {n: adapters.lora_rank(m) for n, m in layers.items()}
@@ -223,8 +243,7 @@ class AptHook(TrainHook):
         if step not in self.schedule:
             return False
         keep = self.schedule[step]
-        plan = select(model, self.stats.to_scores(), Budget(keep_params=keep, reference=self.reference,
-                                                           hidden_keep=None))
+        plan = select(model, self.stats.to_scores(), self.cfg.budget(keep, self.reference))
         before = dict(model.named_parameters())
         log = apply_plan(model, plan)
         self._follow(plan, model, optimizer, before, log)
@@ -277,8 +296,9 @@ def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfi
     """The `apt` method for the fine-tuning recipe (see recipes.py)."""
     from prunetune.recipes import MethodResult, targets_for
 
-    apt_cfg = AptConfig(keep_params=cfg.keep_params or 0.4, distill=cfg.distill, **cfg.extra)
-    dense_layer_params = layer_param_count(model)
+    apt_cfg = AptConfig(keep_params=cfg.keep_params or 0.4, keep_flops=cfg.keep_flops,
+                        seq_len=cfg.seq_len or cfg.max_length, distill=cfg.distill, **cfg.extra)
+    dense_cost = layer_cost(model, apt_cfg.flops_seq)
     extra: dict = {}
     if cfg.prune_before_training:
         # large decoders: outlier-aware score on a calibration sample, prune once, then tune
@@ -286,15 +306,16 @@ def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfi
         scores = compute(model, sample_loader, scorer, hidden=apt_cfg.hidden)
         # heads are compared within their layer (L2-normalised), as their raw scores differ by orders of
         # magnitude between layers of a decoder
-        plan = select(model, scores, Budget(keep_params=apt_cfg.keep_params), layer_norm_heads=True)
+        plan = select(model, scores, apt_cfg.budget(apt_cfg.keep), layer_norm_heads=True)
         plan.meta["scorer"] = scorer
         apply_plan(model, plan)
+        own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident
         extra["plan_before_training"] = plan.to_dict()
         apt_cfg.prune_steps = 0
     peft_model = adapters.apply_lora(model, rank=cfg.rank, targets=targets_for(cfg))
     _, trainable = adapters.count_parameters(peft_model)
     steps = max(1, math.ceil(math.ceil(len(train_loader) / train_cfg.grad_accum) * train_cfg.epochs))
-    hook = AptHook(peft_model, apt_cfg, steps, dense_layer_params)
+    hook = AptHook(peft_model, apt_cfg, steps, dense_cost)
     try:
         res = fit(peft_model, train_loader, evaluate, train_cfg, hooks=[hook])
     finally:

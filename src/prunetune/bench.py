@@ -242,13 +242,17 @@ def _import_model_code(model_dir: str, auto_class: str) -> None:
         getattr(transformers, auto_class).from_config(config)
 
 
-def _random_inputs(config, batch_size: int, seq_len: int, device: torch.device, seed: int) -> dict:
+def _random_inputs(config, batch_size: int, seq_len: int, device: torch.device, seed: int,
+                   decoder_steps: int = 0) -> dict:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {limit}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    if decoder_steps:  # an encoder-decoder scoring a short target (text-to-text classification)
+        inputs["decoder_input_ids"] = ids[:, :decoder_steps].to(device)
+    return inputs
 
 
 def _layer_params(model) -> int | None:
@@ -330,7 +334,8 @@ def measure_inference(
         model = getattr(transformers, auto_class).from_pretrained(model_dir, **kw).to(device).eval()
         load_peak = meter.read()
         meter.reset_peak()  # the load transient is not inference; the weights stay above the baseline
-        inputs = _random_inputs(model.config, batch_size, seq_len, device, seed)
+        decoder_steps = 2 if auto_class == "AutoModelForSeq2SeqLM" else 0  # a label word and its end token
+        inputs = _random_inputs(model.config, batch_size, seq_len, device, seed, decoder_steps)
         with meter:
             times, shares = _time_passes(model, inputs, warmup, repeats, threads)
     return {

@@ -87,15 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="evaluate on a seeded subset of this many examples")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: every epoch)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (lora) / starting rank (apt)")
-    p.add_argument("--lora-targets", choices=["attention", "all"],
-                   help="linears with adapters: q/k/v/o, or also the FFN's (default: all for apt, else attention)")
+    p.add_argument("--lora-targets", choices=["attention", "ffn-in", "all"],
+                   help="linears with adapters: q/k/v/o; also the FFN's input projection(s); or all of the FFN's "
+                        "(default: all for apt, else attention)")
     p.add_argument("--rank-high", type=int, default=8)
     p.add_argument("--rank-low", type=int, default=4)
     p.add_argument("--top-blocks", type=int, default=None,
                    help="prune-lora: blocks given --rank-high (default a third of them: 4 of BERT-base's 12)")
     p.add_argument("--heads-keep", type=float, default=None)
     p.add_argument("--neurons-keep", type=float, default=None)
-    p.add_argument("--keep-params", type=float, default=None)
+    p.add_argument("--keep-params", type=float, default=None,
+                   help="lora-prune/apt: fraction of the prunable layer parameters to keep (default 0.4)")
+    p.add_argument("--keep-flops", type=float, default=None,
+                   help="lora-prune/apt: or the fraction of the layers' FLOPs per token to keep, at --seq-len")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="the sequence length --keep-flops is stated at (default --max-length)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
                    help="apt: self-distillation from the best evaluation so far (needs --eval-every)")

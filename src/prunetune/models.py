@@ -126,3 +126,17 @@ def load_for_task(location: str, kind: str = "classify", num_labels: int = 2, re
         model = _from_pretrained(getattr(transformers, auto), location)
     family_of(model)  # a clear error for an unsupported architecture
     return model
+
+
+def model_kind(location: str) -> str:
+    """Which head to load a checkpoint with when no task says so, from its declared architecture."""
+    cfg = Path(location) / "config.json"
+    archs = json.loads(cfg.read_text()).get("architectures") or [] if cfg.exists() else []
+    for suffix, kind in (
+        ("ForSequenceClassification", "classify"),
+        ("ForCausalLM", "causal"),
+        ("ForConditionalGeneration", "seq2seq"),
+    ):
+        if any(a.endswith(suffix) for a in archs):
+            return kind
+    return "base"

@@ -17,20 +17,6 @@ from prunetune.plan import Budget, PruningPlan, layer_param_count, model_info, s
 from prunetune.surgery import apply_plan
 
 
-def model_kind(location: str) -> str:
-    """Which head to load a checkpoint with when no task says so, from its declared architecture."""
-    cfg = Path(location) / "config.json"
-    archs = json.loads(cfg.read_text()).get("architectures") or [] if cfg.exists() else []
-    for suffix, kind in (
-        ("ForSequenceClassification", "classify"),
-        ("ForCausalLM", "causal"),
-        ("ForConditionalGeneration", "seq2seq"),
-    ):
-        if any(a.endswith(suffix) for a in archs):
-            return kind
-    return "base"
-
-
 def load_task_model(model: str | None, task: str | None, *, seed: int = 0) -> tuple[nn.Module, object, str]:
     """The model (with the task's head when a task is given), its tokenizer and its location.
 
@@ -40,14 +26,19 @@ def load_task_model(model: str | None, task: str | None, *, seed: int = 0) -> tu
     location = models.resolve(model)
     tokenizer = models.load_tokenizer(location)
     torch.manual_seed(seed)
-    net = tasks.get(task).load_model(location) if task else models.load_for_task(location, model_kind(location))
+    if task:
+        net = tasks.for_model(task, location).load_model(location)
+    else:
+        net = models.load_for_task(location, models.model_kind(location))
     check_tokenizer(tokenizer, net.config)
     return net.eval(), tokenizer, location
 
 
-def sample_batches(tokenizer, task: str, data: str | None, samples: int, *, max_length: int = 128, seed: int = 0):
+def sample_batches(tokenizer, task: str, data: str | None, samples: int, *, location: str, max_length: int = 128,
+                   seed: int = 0):
     """A seeded sample of labelled task batches (the cheap pass the importance scores are computed on)."""
-    return tasks.get(task).sample_loader(tokenizer, data=data, samples=samples, max_length=max_length, seed=seed)
+    return tasks.for_model(task, location).sample_loader(tokenizer, data=data, samples=samples, max_length=max_length,
+                                                         seed=seed)
 
 
 def run_importance(
@@ -64,8 +55,9 @@ def run_importance(
     all_scores: list[Scores] = []
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for i, task in enumerate(tasks):
-            net, tok, _ = load_task_model(model, task)
-            batches = sample_batches(tok, task, data[i] if data else None, samples, max_length=max_length)
+            net, tok, location = load_task_model(model, task)
+            batches = sample_batches(tok, task, data[i] if data else None, samples, location=location,
+                                     max_length=max_length)
             scores = compute(net, batches, scorer, hidden=hidden)
             scores.meta.update({"task": task, "samples": samples})
             scores.save(tmp / f"importance_{task}.json")
@@ -90,7 +82,7 @@ def run_prune(
         budget.check()
     if Path(out).exists() and not overwrite and any(Path(out).iterdir()):
         raise PrunetuneError(f"output directory {out} already exists and is not empty (use --overwrite)")
-    net, tok, _ = load_task_model(model, task)
+    net, tok, location = load_task_model(model, task)
     before = model_info(net)
     notes = []
     if plan is not None:
@@ -99,7 +91,7 @@ def run_prune(
         hidden = budget.hidden_keep is not None and budget.hidden_keep < 1
         if task:
             scorer = scorer or "head_grad"
-            batches = sample_batches(tok, task, data, samples, max_length=max_length)
+            batches = sample_batches(tok, task, data, samples, location=location, max_length=max_length)
             scores = compute(net, batches, scorer, hidden=hidden)
         else:
             scorer = "magnitude"
@@ -127,5 +119,5 @@ def run_prune(
 
 def run_info(path: str) -> dict:
     location = models.resolve(path)
-    net = models.load_for_task(location, model_kind(location))
+    net = models.load_for_task(location, models.model_kind(location))
     return model_info(net)

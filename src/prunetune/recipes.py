@@ -27,8 +27,8 @@ from prunetune.errors import PrunetuneError
 from prunetune.export import atomic_dir, save_compact
 from prunetune.importance import Scores, compute, heatmap
 from prunetune.models import load_tokenizer, resolve
-from prunetune.plan import Budget, layer_param_count, model_info, select
-from prunetune.surgery import apply_plan
+from prunetune.plan import Budget, layer_cost, layer_param_count, model_info, select
+from prunetune.surgery import apply_plan, own_storage
 from prunetune.train import FitResult, TrainConfig, fit, pick_device, seed_everything
 
 METHODS = ("full", "lora", "prune-lora", "lora-prune", "apt")
@@ -65,6 +65,8 @@ class FinetuneConfig:
     heads_keep: float | None = None  # prune-lora: default 100/144, the paper's setting
     neurons_keep: float | None = None
     keep_params: float | None = None  # lora-prune / apt target (default 0.4)
+    keep_flops: float | None = None  # lora-prune / apt: or a target fraction of the layers' FLOPs per token
+    seq_len: int | None = None  # the sequence length --keep-flops is stated at (default --max-length)
     precision: str = "auto"
     distill: bool = False  # apt: self-distillation (its teacher is the best evaluation: use --eval-every)
     prune_before_training: bool = False
@@ -90,10 +92,14 @@ class FinetuneConfig:
                 raise PrunetuneError(f"--{name.replace('_', '-')} must be positive")
         if self.epochs <= 0:
             raise PrunetuneError("--epochs must be positive")
-        for name in ("heads_keep", "neurons_keep", "keep_params"):
+        for name in ("heads_keep", "neurons_keep", "keep_params", "keep_flops"):
             v = getattr(self, name)
-            if v is not None and not 0 < v <= (1 if name == "keep_params" else max(v, 1)):
+            if v is not None and not 0 < v <= (1 if name.startswith("keep_") else max(v, 1)):
                 raise PrunetuneError(f"--{name.replace('_', '-')} must be in (0, 1] (or a count), got {v}")
+        if self.keep_params is not None and self.keep_flops is not None:
+            raise PrunetuneError("give either --keep-params or --keep-flops, not both")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise PrunetuneError("--seq-len must be positive")
 
 
 def _memory_meter():
@@ -171,6 +177,7 @@ def _run_prune_lora(cfg, model, train_loader, evaluate, log_path, sample_loader)
     heads_keep = cfg.heads_keep if cfg.heads_keep is not None else 100 / 144
     plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.neurons_keep), layer_norm_heads=True)
     apply_plan(model, plan)
+    own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident
     blocks = block_scores(scores)
     top = cfg.top_blocks if cfg.top_blocks is not None else max(1, round(len(blocks) / 3))
     ranks = adapters.block_ranks(blocks, top, cfg.rank_high, cfg.rank_low)
@@ -186,7 +193,7 @@ def _run_lora_prune(cfg, model, train_loader, evaluate, log_path, sample_loader)
     first = fit(peft_model, train_loader, evaluate, _train_config(cfg, log_path))
     t0 = time.perf_counter()
     scores = compute(peft_model, sample_loader, "fisher")
-    plan = select(peft_model, scores, Budget(keep_params=cfg.keep_params or 0.4))
+    plan = select(peft_model, scores, target_budget(cfg))
     apply_plan(peft_model, plan)
     prune_time = time.perf_counter() - t0
     recovery = fit(peft_model, train_loader, evaluate, _train_config(cfg, log_path, epochs=cfg.recovery_epochs))
@@ -194,6 +201,13 @@ def _run_lora_prune(cfg, model, train_loader, evaluate, log_path, sample_loader)
     recovery.train_time_s += first.train_time_s + prune_time
     recovery.steps += first.steps
     return MethodResult(peft_model, recovery, trainable, scores, {"plan": plan.to_dict()})
+
+
+def target_budget(cfg: FinetuneConfig) -> Budget:
+    """lora-prune's target: --keep-flops at --seq-len, else --keep-params (default 0.4)."""
+    if cfg.keep_flops is not None:
+        return Budget(keep_flops=cfg.keep_flops, seq_len=cfg.seq_len or cfg.max_length)
+    return Budget(keep_params=cfg.keep_params or 0.4)
 
 
 def _run_apt(cfg, model, train_loader, evaluate, log_path, sample_loader) -> MethodResult:
@@ -258,8 +272,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise PrunetuneError(f"output path {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise PrunetuneError(f"output directory {out} already holds a run (use --overwrite to replace it)")
-    task = tasks.get(cfg.task)
     location = resolve(cfg.model)
+    task = tasks.for_model(cfg.task, location)  # GLUE on T5 is text-to-text
     tokenizer = load_tokenizer(location)
     loaders = task.loaders(
         tokenizer,
@@ -280,6 +294,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     check_tokenizer(tokenizer, model.config)
     dense = model_info(model)
     dense_layer_params = layer_param_count(model)
+    flops_seq = cfg.seq_len or cfg.max_length
+    dense_layer_flops = layer_cost(model, flops_seq)
     train_loader, dev_loader, sample_loader = loaders.train, loaders.dev, loaders.sample
 
     def evaluate(m: nn.Module) -> dict:
@@ -317,6 +333,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "params_dense": dense["params"],
             "layer_params": info["layer_params"],
             "layer_params_kept": info["layer_params"] / dense_layer_params,
+            "layer_flops_kept": layer_cost(reloaded, flops_seq) / dense_layer_flops,
+            "flops_seq_len": flops_seq,
             "trainable_params": result.trainable,
             "heads": f"{info['heads']}/{dense['heads']}",
             "neurons": f"{info['ffn']}/{dense['ffn']}",
@@ -358,6 +376,7 @@ def report_markdown(r: dict) -> str:
         *[(k, f"{v:.4f}") for k, v in r["metrics"].items() if k != "main"],
         ("total parameters", f"{r['params_total']:,} (dense {r['params_dense']:,})"),
         ("layer parameters kept", f"{r['layer_params_kept']:.1%}"),
+        ("layer FLOPs kept", f"{r['layer_flops_kept']:.1%} (per token, sequence length {r['flops_seq_len']})"),
         ("trainable parameters", f"{r['trainable_params']:,}"),
         ("heads kept", r["heads"]),
         ("FFN neurons kept", r["neurons"]),
@@ -386,8 +405,8 @@ def evaluate_export(
     seed: int = 42,
 ) -> dict:
     """Re-score an exported model on a task's dev set (the same data and metric as the run's report)."""
-    the_task = tasks.get(task)
     location = resolve(path)
+    the_task = tasks.for_model(task, location)
     tokenizer = load_tokenizer(location)
     model = the_task.load_model(location).to(pick_device())
     loaders = the_task.loaders(

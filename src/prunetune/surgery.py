@@ -207,3 +207,25 @@ def restore_layout(model: nn.Module, layout: PruningPlan) -> None:
 
 
 __all__ = ["SliceLog", "apply_plan", "current_layout", "get", "prune_linear", "restore_layout"]
+
+
+@torch.no_grad()
+def own_storage(model: nn.Module) -> None:
+    """Copy every parameter and buffer into memory of its own, off the checkpoint file.
+
+    transformers memory-maps safetensors checkpoints on the CPU. After pruning, the tensors surgery kept as
+    they were (embeddings, norms) hold the mapping open, and every page of it a forward pass has touched,
+    the pruned weights' included, stays resident: pruning a 540 MB model before training saved 35 MB of
+    peak memory instead of the weights it removed. Called once after pruning before training; the copies
+    are transient (one tensor at a time).
+    """
+    seen: set[int] = set()
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            if id(p) not in seen:  # tied weights are one Parameter: copied once, still tied
+                seen.add(id(p))
+                p.data = p.data.clone()
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                mod._buffers[name] = b.clone()

@@ -1,7 +1,8 @@
 """Tasks as the recipes see them: which head to load, which batches to train on, how to score.
 
-Two kinds today: GLUE classification/regression (data.py, metrics.py) and instruction tuning of a causal
-LM scored by held-out perplexity (instruct.py). Extractive QA and seq2seq summarisation plug in here
+Three kinds today: GLUE classification/regression (data.py, metrics.py), the same tasks as text-to-text
+for encoder-decoders (text2text.py), and instruction tuning of a causal LM scored by held-out perplexity
+(instruct.py). Extractive QA and seq2seq summarisation plug in here
 the same way: a class with `load_model`, `loaders` and `evaluate`.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 from prunetune.data import get_task, load_split, make_loader, tokenize
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import compute_metrics
-from prunetune.models import load_for_task
+from prunetune.models import load_for_task, model_kind
 from prunetune.train import predict
 
 
@@ -93,3 +94,12 @@ def get(name: str) -> Task:
 
         return InstructTask(name)
     return GlueTask(name)
+
+
+def for_model(name: str, location: str) -> Task:
+    """The task for a checkpoint: GLUE on an encoder-decoder LM (T5) is text-to-text, its native form."""
+    if name not in INSTRUCT_NAMES and model_kind(location) == "seq2seq":
+        from prunetune.text2text import Text2TextGlueTask
+
+        return Text2TextGlueTask(name)
+    return get(name)
