@@ -75,6 +75,19 @@ def logits(model, inputs) -> torch.Tensor:
         return model(**inputs).logits
 
 
+@pytest.fixture(autouse=True, scope="session")
+def quiet_progress_bars():
+    """Progress bars go to stderr; the CLI error tests check that stderr is one line."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    yield
+    transformers.utils.logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -16,6 +16,16 @@ from prunetune.plan import PruningPlan
 torch.set_num_threads(1)
 
 
+def word_tokenizer(root, words: list[str]):
+    """A word-level BERT tokenizer over `words` (plus the special tokens), built in `root`/vocab: tiny models
+    need a tokenizer whose ids fit their vocabulary, and there is no hub to fetch one from."""
+    import transformers
+
+    (root / "vocab").mkdir()
+    (root / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    return transformers.BertTokenizerFast.from_pretrained(root / "vocab")
+
+
 def tiny(family: str, task: str = "auto", seed: int = 0):
     """conftest's tiny model with lively weights: O(1) logits, so absolute tolerances mean something.
 

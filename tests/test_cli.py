@@ -7,12 +7,11 @@ import io
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 import transformers
 from conftest import tiny_config
-from engine_helpers import max_diff
+from engine_helpers import max_diff, word_tokenizer
 
 from prunetune import models
 from prunetune.cli import main
@@ -21,16 +20,6 @@ from prunetune.surgery import apply_plan
 
 WORDS = ["the", "a", "movie", "film", "plot", "actor", "was", "is", "not", "very", "quite", "good", "bad", "great",
          "awful", "fun", "dull", "long", "short", "and", "but"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quiet_progress_bars():
-    """Progress bars go to stderr; the error tests check that stderr is one line."""
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    yield
-    transformers.utils.logging.enable_progress_bar()
-    datasets.enable_progress_bars()
 
 
 def write_tsv(path: Path, rows: list[tuple[str, int]], header: str = "sentence\tlabel") -> Path:
@@ -48,9 +37,7 @@ def sentences(seed: int, n: int = 16) -> list[tuple[str, int]]:
 def ws(tmp_path_factory) -> Path:
     """A workspace: a tiny BERT with its own tokenizer, task data, and models that must be refused."""
     root = tmp_path_factory.mktemp("cli")
-    (root / "vocab").mkdir()
-    (root / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    tok = transformers.BertTokenizerFast.from_pretrained(root / "vocab")
+    tok = word_tokenizer(root, WORDS)
     assert len(tok) == len(WORDS) + 5
 
     cfg = tiny_config("bert")

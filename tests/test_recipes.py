@@ -8,12 +8,11 @@ import json
 import math
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 import transformers
 from conftest import tiny_config
-from engine_helpers import max_diff
+from engine_helpers import max_diff, word_tokenizer
 
 from prunetune import adapters, recipes
 from prunetune.cli import main
@@ -42,15 +41,6 @@ pytestmark = [
 REAL_BENCH = "lora"  # the one run that pays for the fresh-process inference measurement (~5 s)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quiet_progress_bars():
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    yield
-    transformers.utils.logging.enable_progress_bar()
-    datasets.enable_progress_bars()
-
-
 def rows(n: int, seed: int) -> list[tuple[str, int]]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -64,9 +54,7 @@ def rows(n: int, seed: int) -> list[tuple[str, int]]:
 def ws(tmp_path_factory) -> Path:
     """A tiny BERT (lively weights: its predictions differ between sentences), its tokenizer and SST-2 files."""
     root = tmp_path_factory.mktemp("recipes")
-    (root / "vocab").mkdir()
-    (root / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    tok = transformers.BertTokenizerFast.from_pretrained(root / "vocab")
+    tok = word_tokenizer(root, WORDS)
     cfg = tiny_config("bert")
     cfg.vocab_size = len(tok)
     cfg.hidden_size, cfg.intermediate_size = 64, 128  # 4 heads of 16

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_config
+from engine_helpers import word_tokenizer
 
 from prunetune import recipes
 from prunetune.cli import main
@@ -30,9 +31,7 @@ pytestmark = [
 def ws(tmp_path_factory) -> Path:
     """A tiny T5ForConditionalGeneration with a word-level tokenizer that knows the label words, and SST-2 files."""
     root = tmp_path_factory.mktemp("t2t")
-    (root / "vocab").mkdir()
-    (root / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    tok = transformers.BertTokenizerFast.from_pretrained(root / "vocab")
+    tok = word_tokenizer(root, WORDS)
     cfg = tiny_config("t5")
     cfg.vocab_size = len(tok)
     cfg.pad_token_id = cfg.decoder_start_token_id = tok.pad_token_id

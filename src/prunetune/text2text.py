@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from prunetune.data import get_task, load_split
+from prunetune.data import load_split
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import compute_metrics
 from prunetune.models import load_for_task
-from prunetune.tasks import Loaders
+from prunetune.tasks import GlueTask, Loaders
 
 # T5's GLUE label words (its preprocessors), in the order of each task's label ids.
 LABEL_WORDS = {
@@ -34,16 +34,13 @@ LABEL_WORDS = {
 }
 
 
-class Text2TextGlueTask:
+class Text2TextGlueTask(GlueTask):
     """A GLUE classification task for an encoder-decoder, with label words as targets."""
 
-    main_metric = "main"
-    maximize = True
     auto_class = "AutoModelForSeq2SeqLM"
 
     def __init__(self, name: str):
-        self.spec = get_task(name)
-        self.name = self.spec.name
+        super().__init__(name)
         if self.name not in LABEL_WORDS:
             raise PrunetuneError(f"task {self.name} has no text-to-text form here (regression): use a classifier")
         self.words = LABEL_WORDS[self.name]
