@@ -152,16 +152,32 @@ class ActivationStats:
         if x.requires_grad:
 
             def grad_hook(g, flat=flat, key=key, heads=heads, batch=batch):
-                prod = flat * g.reshape(flat.shape).float()
-                if self.signal == "fisher":  # (examples, tokens, units[, head dim]) -> per example and unit
-                    per_example = prod.view(batch, -1, *prod.shape[1:]).sum(1)
-                    value = (per_example.sum(2) if heads else per_example).pow(2).sum(0)
-                else:
-                    prod = prod.abs()
-                    value = prod.sum((0, 2)) if heads else prod.sum(0)
-                self._add(self._step, key, value)
+                self._add(self._step, key, self._signal(flat, g.reshape(flat.shape), heads, batch))
 
             x.register_hook(grad_hook)
+
+    CHUNK_ROWS = 1024  # tokens per slice of the activation x gradient product
+
+    def _signal(self, a: torch.Tensor, g: torch.Tensor, heads: int | None, batch: int) -> torch.Tensor:
+        """Per unit: sum |a * g| (salience) or sum over examples of (sum a * g)^2 (fisher), a few examples at a time.
+
+        The hook fires early in the backward pass, while nearly every saved activation is still alive: slicing
+        keeps the product's transient at a few MB whatever the batch (a whole FFN activation's product and its
+        absolute value were 25 MB at MiniLM, batch 32 x 64; a long-sequence decoder batch makes that GBs).
+        """
+        rows = a.shape[0] // batch  # tokens per example
+        step = max(1, self.CHUNK_ROWS // max(rows, 1))
+        total = None
+        for start in range(0, batch, step):
+            sl = slice(start * rows, min(batch, start + step) * rows)
+            prod = a[sl] * g[sl].float()
+            if self.signal == "fisher":  # (examples, tokens, units[, head dim]) -> per example and unit
+                per_example = prod.view(-1, rows, *prod.shape[1:]).sum(1)
+                part = (per_example.sum(2) if heads else per_example).pow(2).sum(0)
+            else:
+                part = prod.abs_().sum((0, 2)) if heads else prod.abs_().sum(0)
+            total = part if total is None else total.add_(part)
+        return total
 
     def _pre(self, key: str, heads: int | None):
         def hook(module, args):
