@@ -172,3 +172,23 @@ def test_in_training_fisher_equals_squared_per_example_mask_gradients(family):
         assert [n * n * v for v in mine] == pytest.approx(ref, rel=1e-4, abs=1e-12)
     with pytest.raises(PrunetuneError, match="unknown activation signal"):
         ActivationStats(model, signal="nope")
+
+
+@pytest.mark.parametrize("signal", ActivationStats.SIGNALS)
+def test_sliced_products_equal_the_whole(signal, monkeypatch):
+    """The activation x gradient product is taken a few examples at a time: the slicing changes nothing."""
+
+    def run(chunk_rows: int):
+        monkeypatch.setattr(ActivationStats, "CHUNK_ROWS", chunk_rows)
+        model = tiny("bert").eval()
+        stats = ActivationStats(model, hidden=True, signal=signal)
+        for batch in labelled_batches("bert"):
+            model(**batch).loss.backward()
+            stats.step()
+        stats.remove()
+        return stats.to_scores()
+
+    whole, sliced = run(10**6), run(1)  # one slice per batch; one example per slice
+    for a, b in [*zip(whole.heads.values(), sliced.heads.values(), strict=True),
+                 *zip(whole.neurons.values(), sliced.neurons.values(), strict=True), (whole.hidden, sliced.hidden)]:
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-12)
