@@ -294,10 +294,11 @@ class AptHook(TrainHook):
 
 def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfig, sample_loader):
     """The `apt` method for the fine-tuning recipe (see recipes.py)."""
-    from prunetune.recipes import MethodResult, targets_for
+    from prunetune.recipes import MethodResult, target_budget, targets_for
 
-    apt_cfg = AptConfig(keep_params=cfg.keep_params or 0.4, keep_flops=cfg.keep_flops,
-                        seq_len=cfg.seq_len or cfg.max_length, distill=cfg.distill, **cfg.extra)
+    target = target_budget(cfg)
+    apt_cfg = AptConfig(keep_params=target.keep_params or 0.4, keep_flops=target.keep_flops, seq_len=target.seq_len,
+                        distill=cfg.distill, **cfg.extra)
     dense_cost = layer_cost(model, apt_cfg.flops_seq)
     extra: dict = {}
     if cfg.prune_before_training:

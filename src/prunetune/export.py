@@ -104,14 +104,23 @@ def _export_config(model: nn.Module):
     return new
 
 
-@contextmanager
-def atomic_dir(out: str | Path, *, overwrite: bool = False):
-    """Write into a temporary sibling directory and move it to `out` only when everything succeeded."""
+def check_output_dir(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an output path that is a file, or a non-empty directory without `overwrite`.
+
+    atomic_dir checks again; commands call this first too, so they fail before loading models and data.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunetuneError(f"output path {out} exists and is not a directory")
     if out.exists() and not overwrite and any(out.iterdir()):
         raise PrunetuneError(f"output directory {out} already exists and is not empty (use --overwrite)")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path, *, overwrite: bool = False):
+    """Write into a temporary sibling directory and move it to `out` only when everything succeeded."""
+    out = check_output_dir(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

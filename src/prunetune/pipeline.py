@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,7 +10,7 @@ from torch import nn
 from prunetune import models, tasks
 from prunetune.data import check_tokenizer
 from prunetune.errors import PrunetuneError
-from prunetune.export import atomic_dir, save_compact
+from prunetune.export import atomic_dir, check_output_dir, save_compact
 from prunetune.importance import Scores, compute, heatmap, rank_correlation
 from prunetune.plan import Budget, PruningPlan, layer_param_count, model_info, select
 from prunetune.surgery import apply_plan
@@ -80,8 +79,7 @@ def run_prune(
         raise PrunetuneError("give --plan or a budget (--keep-params, --heads-keep, --neurons-keep, --hidden-keep)")
     if budget is not None:
         budget.check()
-    if Path(out).exists() and not overwrite and any(Path(out).iterdir()):
-        raise PrunetuneError(f"output directory {out} already exists and is not empty (use --overwrite)")
+    check_output_dir(out, overwrite=overwrite)
     net, tok, location = load_task_model(model, task)
     before = model_info(net)
     notes = []

@@ -24,7 +24,7 @@ from torch import nn
 from prunetune import adapters, tasks
 from prunetune.data import check_tokenizer
 from prunetune.errors import PrunetuneError
-from prunetune.export import atomic_dir, save_compact
+from prunetune.export import atomic_dir, check_output_dir, save_compact
 from prunetune.importance import Scores, compute, heatmap
 from prunetune.models import load_tokenizer, resolve
 from prunetune.plan import Budget, layer_cost, layer_param_count, model_info, select
@@ -204,7 +204,7 @@ def _run_lora_prune(cfg, model, train_loader, evaluate, log_path, sample_loader)
 
 
 def target_budget(cfg: FinetuneConfig) -> Budget:
-    """lora-prune's target: --keep-flops at --seq-len, else --keep-params (default 0.4)."""
+    """The target of lora-prune and apt: --keep-flops at --seq-len, else --keep-params (default 0.4)."""
     if cfg.keep_flops is not None:
         return Budget(keep_flops=cfg.keep_flops, seq_len=cfg.seq_len or cfg.max_length)
     return Budget(keep_params=cfg.keep_params or 0.4)
@@ -267,11 +267,7 @@ def _warm_imports(location: str) -> None:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one method end to end and write DIR/model, DIR/adapter, DIR/report.{json,md}, logs and scores."""
     cfg.check()
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise PrunetuneError(f"output path {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise PrunetuneError(f"output directory {out} already holds a run (use --overwrite to replace it)")
+    out = check_output_dir(cfg.out, overwrite=cfg.overwrite)
     location = resolve(cfg.model)
     task = tasks.for_model(cfg.task, location)  # GLUE on T5 is text-to-text
     tokenizer = load_tokenizer(location)

@@ -206,9 +206,6 @@ def restore_layout(model: nn.Module, layout: PruningPlan) -> None:
         apply_plan(model, layout)
 
 
-__all__ = ["SliceLog", "apply_plan", "current_layout", "get", "prune_linear", "restore_layout"]
-
-
 @torch.no_grad()
 def own_storage(model: nn.Module) -> None:
     """Copy every parameter and buffer into memory of its own, off the checkpoint file.
@@ -229,3 +226,6 @@ def own_storage(model: nn.Module) -> None:
             if b is not None and id(b) not in seen:
                 seen.add(id(b))
                 mod._buffers[name] = b.clone()
+
+
+__all__ = ["SliceLog", "apply_plan", "current_layout", "get", "own_storage", "prune_linear", "restore_layout"]

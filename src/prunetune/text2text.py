@@ -94,7 +94,7 @@ class Text2TextGlueTask(GlueTask):
     def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
         train = self._dataset(tokenizer, "train", data, train_limit, max_length, seed)
         dev = self._dataset(tokenizer, "dev", data, eval_limit, max_length, seed)
-        # the dev batches carry every class's target, so scoring needs no tokenizer
+        # the dev loader carries every class's target and the true classes, so scoring needs no tokenizer
         targets = self.targets(tokenizer)
         return Loaders(
             train=self._loader(train, tokenizer, batch_size, shuffle=True, seed=seed),
