@@ -138,7 +138,12 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 def merge(model: nn.Module) -> nn.Module:
     """Fold the adapters into the (possibly pruned) weights: inference then costs no adapter time."""
     if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
+        merged = model.merge_and_unload()
+        # peft < 0.19 leaves its config on the unwrapped model; a plain model must not look like a PEFT one
+        # (save_pretrained and is-this-an-adapter checks read that attribute).
+        if "peft_config" in vars(merged):
+            del merged.peft_config
+        return merged
     return model
 
 
