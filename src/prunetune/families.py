@@ -7,11 +7,15 @@ model through :func:`layer_sites`, :func:`hidden_sites` and the :class:`Family` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
 
 
 @dataclass(frozen=True)
@@ -443,7 +447,7 @@ def config_counts(config) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def cache_argument(kwargs: dict):
+def cache_argument(kwargs: dict) -> Cache | None:
     """The KV cache handed to an attention block's forward, or None.
 
     transformers 5.24 renamed the argument from ``past_key_values`` to ``cache`` (the old name is still
@@ -492,9 +496,10 @@ class EmptyAttention(nn.Module):
         relative position bias. A block that never wrote to its entry made cached generation go wrong (masks and
         position bias computed for a zero-length past) once such a layer had no head.
 
-        The placeholder goes through the cache's own ``update``, so every cache class (dynamic, static, sliding,
-        offloaded) advances its length its own way. It is one head of width one unless the entry already holds
-        tensors of another shape (a static cache initialised ahead of time), which an update must match.
+        The placeholder goes through the cache's own ``update``, so every cache class (dynamic, static, sliding
+        window) advances its length and sizes its mask its own way. It is one head of width one unless the entry
+        already holds tensors of another shape (a static cache initialised ahead of time), which an update must
+        match.
         """
         cache = cache_argument(kwargs)
         if cache is None or not self.self_attention or self.layer_idx is None:
