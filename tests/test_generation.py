@@ -166,3 +166,23 @@ def test_sliding_window_cached_generation_after_pruning(family, case, cache, mod
     apply_plan(pruned, plan)
     _check(model, pruned, plan, _left_padded("llama"), cache, mode,
            "StaticCache" if cache == "static" else "DynamicCache")
+
+
+def test_static_cache_initialised_ahead_of_time():
+    """With `prefill_chunk_size`, generate() allocates a static cache for every layer with the config's dense KV
+    shape before the first forward; the empty layer's placeholder must take that shape, not its own."""
+    model = tiny("llama")
+    inputs = _left_padded("llama")
+    plan = PruningPlan("llama", heads={"decoder.0/self": []})  # the other layers keep their KV heads
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, plan)
+    with attach(model, masks_for(model, plan)):
+        ref = _generate(model, inputs, None, "greedy")
+    with torch.no_grad():
+        got = pruned.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, suppress_tokens=[0, 1], output_logits=True, output_scores=True,
+            return_dict_in_generate=True, do_sample=False, cache_implementation="static", prefill_chunk_size=4,
+        )
+    layer0 = _returned_cache(got).layers[0]
+    assert tuple(layer0.keys.shape[1:2]) + tuple(layer0.keys.shape[3:]) == (2, 8)  # the dense KV heads, head_dim
+    _assert_same_generation(got, ref)
