@@ -32,7 +32,11 @@ def tiny(family: str, task: str = "auto", seed: int = 0):
     The stock init (std 0.02) leaves BERT's logits around 1e-2, where a 1e-4 tolerance would hide real errors.
     Norm weights and biases are random too, so slicing one the wrong way shows up.
     """
-    model = tiny_model(family, task, seed)
+    return lively(tiny_model(family, task, seed), seed)
+
+
+def lively(model, seed: int = 0):
+    """Redraw every parameter of `model` in place as :func:`tiny` does (O(1) logits, random norms)."""
     g = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -66,6 +70,16 @@ HEADS["roberta"] = HEADS["bert"]
 
 # LLaMA, whole KV groups: layer 0 keeps group 1, layer 1 group 0, layer 2 nothing.
 LLAMA_WHOLE_GROUPS = {"decoder.0/self": [3, 4, 5], "decoder.1/self": [0, 1, 2], "decoder.2/self": []}
+
+
+# T5 head plans that stress the shared relative position bias and the cross-attention.
+T5_CASES = {
+    # every head of the bias owners removed: the bias must still reach the later layers
+    "layer0_empty": {"encoder.0/self": [], "decoder.0/self": [], "decoder.0/cross": []},
+    "layer0_subset": {"encoder.0/self": [3], "decoder.0/self": [0, 2], "decoder.0/cross": [1, 2, 3]},
+    "later_layers": {"encoder.1/self": [0], "encoder.2/self": [1, 3], "decoder.1/self": [0, 2], "decoder.1/cross": []},
+    "cross_only": {"decoder.0/cross": [2], "decoder.1/cross": [0, 3]},
+}
 
 
 def neuron_plan(model) -> dict[str, list[int]]:

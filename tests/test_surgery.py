@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import logits, tiny_inputs
-from engine_helpers import LLAMA_WHOLE_GROUPS, make_plan, masks_for, max_diff, tiny
+from engine_helpers import LLAMA_WHOLE_GROUPS, T5_CASES, make_plan, masks_for, max_diff, tiny
 
 from prunetune.errors import PrunetuneError
 from prunetune.families import EmptyAttention, EmptyCore, hidden_size, layer_sites
@@ -55,15 +55,6 @@ def test_llama_whole_kv_groups(hidden):
     assert max_diff(masked, pruned_out) <= TOL
     sites = {s.key: s for lay in layer_sites(pruned) for s in lay.attentions.values()}
     assert [(sites[k].num_heads, sites[k].num_kv_heads) for k in sorted(sites)] == [(3, 1), (3, 1), (0, 0)]
-
-
-T5_CASES = {
-    # every head of the bias owners removed: the bias must still reach the later layers
-    "layer0_empty": {"encoder.0/self": [], "decoder.0/self": [], "decoder.0/cross": []},
-    "layer0_subset": {"encoder.0/self": [3], "decoder.0/self": [0, 2], "decoder.0/cross": [1, 2, 3]},
-    "later_layers": {"encoder.1/self": [0], "encoder.2/self": [1, 3], "decoder.1/self": [0, 2], "decoder.1/cross": []},
-    "cross_only": {"decoder.0/cross": [2], "decoder.1/cross": [0, 3]},
-}
 
 
 @pytest.mark.parametrize("case", sorted(T5_CASES))

@@ -7,11 +7,15 @@ model through :func:`layer_sites`, :func:`hidden_sites` and the :class:`Family` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
 
 
 @dataclass(frozen=True)
@@ -443,6 +447,21 @@ def config_counts(config) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def cache_argument(kwargs: dict) -> Cache | None:
+    """The KV cache handed to an attention block's forward, or None.
+
+    transformers 5.24 renamed the argument from ``past_key_values`` to ``cache`` (the old name is still
+    accepted from callers, but the models now pass ``cache=``); both names are read so 5.23 works too.
+    """
+    from transformers.cache_utils import Cache
+
+    for name in ("cache", "past_key_values"):
+        value = kwargs.get(name)
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
 class EmptyCore(nn.Module):
     """BERT-style attention core with no head: a zero-width output, so the output projection adds its bias."""
 
@@ -470,19 +489,31 @@ class EmptyAttention(nn.Module):
         self.self_attention = self_attention
 
     def _track_cache(self, hidden_states: torch.Tensor, kwargs: dict) -> None:
-        """Keep this layer's KV-cache length in step with the sequence, with a 1-wide placeholder entry.
+        """Keep this layer's KV-cache entry in step with the sequence, with zero placeholder keys and values.
 
-        transformers reads the cached length of a layer (layer 0 for the causal mask, each T5 layer for its
-        relative position bias) from that layer's cache entry; a block that never wrote to it made cached
-        generation go wrong (masks and position bias computed for a zero-length past) once layer 0 had no head.
+        transformers reads the cached length of a layer from that layer's cache entry: layer 0's (or the first
+        sliding layer's) for the causal mask, its query offset and the position ids, and each T5 layer's for its
+        relative position bias. A block that never wrote to its entry made cached generation go wrong (masks and
+        position bias computed for a zero-length past) once such a layer had no head.
+
+        The placeholder goes through the cache's own ``update``, so every cache class (dynamic, static, sliding
+        window) advances its length and sizes its mask its own way. It is one head of width one unless the entry
+        already holds tensors of another shape (a static cache initialised ahead of time), which an update must
+        match.
         """
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if cache is None or not self.self_attention or self.layer_idx is None:
             return
         if kwargs.get("key_value_states") is not None:
             return  # cross-attention: its cache holds the encoder states and is never read for lengths
         cache = getattr(cache, "self_attention_cache", cache)  # T5: EncoderDecoderCache
-        stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+        batch, length = hidden_states.shape[:2]
+        heads, width, dtype = 1, 1, hidden_states.dtype
+        layers = getattr(cache, "layers", [])
+        held = getattr(layers[self.layer_idx], "keys", None) if self.layer_idx < len(layers) else None
+        if isinstance(held, torch.Tensor) and held.dim() == 4:
+            heads, width, dtype = held.shape[1], held.shape[-1], held.dtype
+        stub = hidden_states.new_zeros(batch, heads, length, width, dtype=dtype)
         cache.update(stub, stub, self.layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -535,16 +566,28 @@ def set_head_count(site: AttentionSite, heads: int, kv_heads: int) -> None:
 
 
 def _full_position_bias(attn: nn.Module, args: tuple, kwargs: dict, full_heads: int) -> torch.Tensor:
-    """The bias for every original head, as layer 0 of the unpruned stack would compute it."""
+    """The bias for every original head, as layer 0 of the unpruned stack would compute it.
+
+    Runs before the block's own forward, so the cache still holds the past only. The key length is the one
+    the attention will see once it has written this step: past + query for a dynamic cache, the whole
+    preallocated length for a static one; the cache's ``get_mask_sizes`` states it for either, as it does for
+    the mask.
+    """
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     kv = kwargs.get("key_value_states")
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     q_len = hidden.shape[1]
     past = 0
-    if cache is not None:
+    if kv is not None:
+        k_len = kv.shape[1]  # cross-attention: the encoder states, cached or not
+    elif cache is not None:
+        cache = getattr(cache, "self_attention_cache", cache)  # T5: EncoderDecoderCache
         past = cache.get_seq_length(attn.layer_idx)
+        # a static cache returns its length counter itself, which the block's update advances in place
         past = past.clone() if isinstance(past, torch.Tensor) else past
-    k_len = kv.shape[1] if kv is not None else q_len + past
+        k_len = int(cache.get_mask_sizes(q_len, attn.layer_idx)[0])
+    else:
+        k_len = q_len
     if getattr(attn, "has_relative_attention_bias", False):
         from transformers.models.t5.modeling_t5 import T5Attention
 
