@@ -32,7 +32,11 @@ def tiny(family: str, task: str = "auto", seed: int = 0):
     The stock init (std 0.02) leaves BERT's logits around 1e-2, where a 1e-4 tolerance would hide real errors.
     Norm weights and biases are random too, so slicing one the wrong way shows up.
     """
-    model = tiny_model(family, task, seed)
+    return liven(tiny_model(family, task, seed), seed)
+
+
+def liven(model, seed: int = 0):
+    """Random weights of O(1) effect (see tiny) for any model."""
     g = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -63,6 +67,7 @@ HEADS: dict[str, dict[str, list[int]]] = {
     "llama": {"decoder.0/self": [0, 2, 3, 5], "decoder.1/self": [], "decoder.2/self": [1, 4]},
 }
 HEADS["roberta"] = HEADS["bert"]
+HEADS["mistral"] = HEADS["qwen2"] = HEADS["llama"]
 
 # LLaMA, whole KV groups: layer 0 keeps group 1, layer 1 group 0, layer 2 nothing.
 LLAMA_WHOLE_GROUPS = {"decoder.0/self": [3, 4, 5], "decoder.1/self": [0, 1, 2], "decoder.2/self": []}
