@@ -207,6 +207,9 @@ def test_output_dirs_have_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    # safetensors writes its files 0600: the output's files are as readable as umask allows, too
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644, MARKER: 0o644}
 
 
 def test_a_failed_run_keeps_the_previous_result(tmp_path, monkeypatch):

@@ -227,14 +227,26 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _new_temporary(target: Path, role: str) -> Path:
     """A hidden sibling of `target` (``.NAME.xxxx``) owned by this process, with the permissions umask gives."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    tmp.chmod(0o777 & ~mask)  # mkdtemp makes 0700: an output others cannot read
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: an output others cannot read
     (tmp / OWNER).write_text(json.dumps(_owner_record(target, role)))
     return tmp
+
+
+def _normal_permissions(root: Path) -> None:
+    """Files and directories as umask would make them: safetensors writes its files 0600 (via a temporary)."""
+    mask = _umask()
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666 | (path.stat().st_mode & 0o111)) & ~mask)
 
 
 def _write_marker(directory: Path) -> None:
@@ -283,6 +295,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False, inputs: Iterable = (
         yield tmp
         _write_marker(tmp)
         (tmp / OWNER).unlink()
+        _normal_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
