@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -85,6 +87,10 @@ def run_prune(
     inputs = [location, data, plan]  # --out must not replace any of them
     check_output_dir(out, overwrite=overwrite, inputs=inputs)
     net, tok, location = load_task_model(location, task)
+    if tok is None and not Path(location).is_dir():
+        # a hub model has no files to copy: its tokenizer goes with the export when it has one
+        with contextlib.suppress(PrunetuneError):
+            tok = models.load_tokenizer(location)
     before = model_info(net)
     notes = []
     if plan is not None:
