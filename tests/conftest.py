@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+import transformers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -40,6 +41,11 @@ def tiny_config(family: str):
         return LlamaConfig(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
                            num_key_value_heads=2, head_dim=8, intermediate_size=40,
                            max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0, num_labels=2)
+    if family in ("mistral", "qwen2"):  # LLaMA's shapes; Qwen2 adds q/k/v biases, Mistral an untied LM head
+        cls = transformers.MistralConfig if family == "mistral" else transformers.Qwen2Config
+        return cls(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+                   head_dim=8, intermediate_size=40, max_position_embeddings=64, pad_token_id=0, num_labels=2,
+                   tie_word_embeddings=family == "qwen2")
     raise ValueError(family)
 
 

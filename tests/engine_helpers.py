@@ -67,6 +67,7 @@ HEADS: dict[str, dict[str, list[int]]] = {
     "llama": {"decoder.0/self": [0, 2, 3, 5], "decoder.1/self": [], "decoder.2/self": [1, 4]},
 }
 HEADS["roberta"] = HEADS["bert"]
+HEADS["mistral"] = HEADS["qwen2"] = HEADS["llama"]
 
 # LLaMA, whole KV groups: layer 0 keeps group 1, layer 1 group 0, layer 2 nothing.
 LLAMA_WHOLE_GROUPS = {"decoder.0/self": [3, 4, 5], "decoder.1/self": [0, 1, 2], "decoder.2/self": []}

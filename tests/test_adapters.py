@@ -280,3 +280,61 @@ def test_save_load_adapter_round_trip_on_the_pruned_base(family, tmp_path):
     for wrong in (dense, other):
         with pytest.raises(PrunetuneError, match="other shapes"):
             adapters.load_adapter(wrong, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("trained", [True, False])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_an_adapter_refuses_the_model_it_was_merged_into(family, trained, tmp_path):
+    """The merged model has the base's shapes, so the shape check let the adapter apply a second time."""
+    import transformers
+
+    from prunetune.export import save_compact
+
+    model = tiny(family, "classify")
+    apply_plan(model, make_plan(family, model, "heads"))
+    base = copy.deepcopy(model)
+    peft_model = adapters.apply_lora(model, rank=2)
+    if trained:  # an untrained adapter (B = 0) merges to identical weights: only the merge record tells
+        perturb_trainable(peft_model)
+    run = tmp_path / "run"
+    adapters.save_adapter(peft_model, run / "adapter", base_model="/models/dense")
+    merged = adapters.merge(peft_model)
+    save_compact(merged, run / "model")
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(run / "model")
+    for wrong in (merged, reloaded):
+        with pytest.raises(PrunetuneError, match="already merged into this model") as refused:
+            adapters.load_adapter(wrong, run / "adapter")
+        # the message says what to do, with paths that exist or were given
+        message = str(refused.value)
+        assert "/models/dense" in message and "pruned_base" in message and str(run / "model") in message
+    adapters.load_adapter(base, run / "adapter")  # the base it was trained on still takes it
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_an_adapter_refuses_a_base_with_other_weights(family, tmp_path):
+    model = tiny(family, "classify")
+    plan = make_plan(family, model, "heads")
+    apply_plan(model, plan)
+    peft_model = adapters.apply_lora(model, rank=2)
+    adapters.save_adapter(peft_model, tmp_path / "adapter")
+    other = tiny(family, "classify", seed=1)  # same shapes, other weights: another checkpoint
+    apply_plan(other, plan)
+    with pytest.raises(PrunetuneError, match="other weights") as refused:
+        adapters.load_adapter(other, tmp_path / "adapter")
+    assert "dense model it was trained from" in str(refused.value)
+    assert "/model" not in str(refused.value)  # no merged model next to this adapter: none is named
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_pruned_base_rebuilds_the_base_from_the_dense_model(family, tmp_path):
+    model = tiny(family, "classify")
+    inputs = tiny_inputs(family)
+    apply_plan(model, make_plan(family, model, "all"))
+    peft_model = adapters.apply_lora(model, rank=2)
+    perturb_trainable(peft_model)
+    want = logits(peft_model, inputs)
+    adapters.save_adapter(peft_model, tmp_path / "adapter")
+    base = adapters.pruned_base(tiny(family, "classify"), tmp_path / "adapter")
+    assert max_diff(logits(adapters.load_adapter(base, tmp_path / "adapter"), inputs), want) <= 1e-5
+    with pytest.raises(PrunetuneError, match="dense model"):
+        adapters.pruned_base(base, tmp_path / "adapter")

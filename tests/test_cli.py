@@ -225,8 +225,15 @@ def test_existing_output_is_refused_and_kept(ws, capsys, tmp_path):
         rc, _, err = cli(capsys, *command, "--out", out)
         assert rc == 2 and err.startswith("prunetune: error:") and "--overwrite" in err
         assert [p.name for p in out.iterdir()] == ["mine.txt"]
-    rc, _, _ = cli(capsys, "prune", ws / "bert", "--keep-params", "0.5", "--out", out, "--overwrite")
-    assert rc == 0 and (out / "plan.json").exists() and not (out / "mine.txt").exists()
+    # --overwrite replaces only what prunetune wrote
+    rc, _, err = cli(capsys, "prune", ws / "bert", "--keep-params", "0.5", "--out", out, "--overwrite")
+    assert rc == 2 and err.startswith("prunetune: error:") and "not written by prunetune" in err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    for keep in ("0.5", "0.4"):
+        rc, _, _ = cli(capsys, "prune", ws / "bert", "--keep-params", keep, "--out", out, "--overwrite")
+        assert rc == 0 and (out / "plan.json").exists()
+    assert PruningPlan.load(out / "plan.json").meta["budget"]["keep_params"] == 0.4
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from prunetune.plan import (
     kv_groups_kept,
     layer_cost,
     layer_param_count,
+    model_shapes,
     planned_param_count,
     select,
 )
@@ -248,3 +249,64 @@ def test_full_budget_keeps_everything(family):
     model = tiny(family)
     plan = select(model, random_scores(model), Budget(keep_params=1.0))
     assert planned_param_count(model, plan) == layer_param_count(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A plan fits only the model it was made for
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bert(**sizes):
+    import transformers
+    from conftest import tiny_config
+
+    cfg = tiny_config("bert")
+    for k, v in sizes.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize(("other", "message"), [
+    ({"num_hidden_layers": 6}, "3 encoder layers, this one has 6 encoder layers"),
+    ({"hidden_size": 48, "num_attention_heads": 4}, "hidden size 32, this one has hidden size 48"),
+    ({"hidden_size": 32, "num_attention_heads": 8}, "4 query heads in encoder.0/self, this one has 8"),
+    ({"intermediate_size": 64}, "40 FFN neurons in encoder.0, this one has 64"),
+])
+def test_a_plan_from_another_model_is_refused(other, message, tmp_path):
+    """A tiny BERT's plan used to cut a bigger BERT's first layers without a word: its indices were in range."""
+    small = _bert()
+    plan = select(small, compute(small, None, "magnitude"), Budget(keep_params=0.5))
+    assert plan.shapes == model_shapes(small)
+    plan.save(tmp_path / "plan.json")
+    big = _bert(**other)
+    before = {n: p.shape for n, p in big.named_parameters()}
+    with pytest.raises(PrunetuneError, match=message):
+        apply_plan(big, PruningPlan.load(tmp_path / "plan.json"))
+    assert {n: p.shape for n, p in big.named_parameters()} == before
+    apply_plan(small, PruningPlan.load(tmp_path / "plan.json"))  # its own model takes it
+
+
+def test_plans_without_shapes_still_apply_as_far_as_checkable(family):
+    model = tiny(family)
+    legacy = make_plan(family, model, "all").to_dict()
+    del legacy["shapes"]
+    plan = PruningPlan.from_dict(legacy)
+    assert plan.shapes is None
+    apply_plan(model, plan)
+    with pytest.raises(PrunetuneError, match="out of range"):  # the index checks still run
+        PruningPlan.from_dict({"family": family, "hidden": [10_000]}).validate(model)
+
+
+def test_identity_compose_and_layout_record_the_shapes_they_refer_to(family):
+    model = tiny(family)
+    dense = model_shapes(model)
+    assert PruningPlan.identity(model).shapes == dense
+    plan = make_plan(family, model, "all")
+    apply_plan(model, plan)
+    layout = current_layout(model)
+    assert layout.shapes == dense  # relative to the dense model, so its shapes are the dense ones
+    later = PruningPlan.identity(model)
+    assert later.shapes == model_shapes(model) != dense
+    assert plan.compose(later).shapes == plan.shapes
+    assert PruningPlan.from_dict(json.loads(json.dumps(later.to_dict()))) == later

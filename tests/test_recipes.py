@@ -16,6 +16,8 @@ from engine_helpers import max_diff, word_tokenizer
 
 from prunetune import adapters, recipes
 from prunetune.cli import main
+from prunetune.errors import PrunetuneError
+from prunetune.export import MARKER
 from prunetune.plan import PruningPlan
 from prunetune.surgery import restore_layout
 from prunetune.train import TrainHook
@@ -116,7 +118,9 @@ def test_method_writes_a_complete_run(runs, method):
     out, report, stdout = runs[method]
     names = {p.name for p in out.iterdir()}
     assert {"model", "report.json", "report.md", "metrics.jsonl"} <= names
-    assert not any(n.startswith(".") for n in names) and not any(p.name.startswith(".") for p in out.parent.iterdir())
+    assert MARKER in names and (out / "model" / MARKER).exists()  # prunetune's own: --overwrite may replace them
+    assert not any(n.startswith(".") for n in names - {MARKER})
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no temporary left
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (out / "model").iterdir()}
     assert ("adapter" in names) == (method in LORA_METHODS)
     if method in LORA_METHODS:
@@ -198,6 +202,23 @@ def test_adapter_reloads_onto_its_pruned_base(ws, runs, method):
     batch = tok(["the film was good", "a dull and long plot but fun"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert max_diff(loaded(**batch).logits, export(**batch).logits) <= 1e-4
+
+
+def test_the_adapter_refuses_the_run_model_and_says_how_to_get_its_base(ws, runs):
+    """DIR/model already contains the adapter: loading it again there applied it twice (logits moved by 0.08)."""
+    out, _, _ = runs["prune-lora"]
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    with pytest.raises(PrunetuneError, match="already merged") as refused:
+        adapters.load_adapter(merged, out / "adapter")
+    assert str(out / "model") in str(refused.value) and str(ws / "bert") in str(refused.value)
+    # what the message (and the adapter's README) says to do works
+    assert "pruned_base" in (out / "adapter" / "README.md").read_text()
+    dense = transformers.AutoModelForSequenceClassification.from_pretrained(ws / "bert").eval()
+    loaded = adapters.load_adapter(adapters.pruned_base(dense, out / "adapter"), out / "adapter").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out / "model")
+    batch = tok(["the film was good", "a dull and long plot but fun"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert max_diff(loaded(**batch).logits, merged(**batch).logits) <= 1e-4
 
 
 def test_existing_output_is_refused(ws, tmp_path):

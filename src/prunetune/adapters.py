@@ -8,6 +8,7 @@ base of another shape (PEFT would silently do nothing, PEFT issue 1746).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -136,9 +137,15 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the (possibly pruned) weights: inference then costs no adapter time."""
+    """Fold the adapters into the (possibly pruned) weights: inference then costs no adapter time.
+
+    The merged model's config records the fingerprint of the base the adapter was trained on (MERGED_ATTR),
+    so that load_adapter refuses to apply the same adapter a second time onto the merged model.
+    """
     if hasattr(model, "merge_and_unload"):
+        before = base_fingerprint(model)
         merged = model.merge_and_unload()
+        setattr(unwrap(merged).config, MERGED_ATTR, before["sha256"])
         # peft < 0.19 leaves its config on the unwrapped model; a plain model must not look like a PEFT one
         # (save_pretrained and is-this-an-adapter checks read that attribute).
         if "peft_config" in vars(merged):
@@ -183,6 +190,37 @@ def shape_fingerprint(model: nn.Module) -> dict[str, list[int]]:
     return {n.replace(".base_layer", ""): list(p.shape) for n, p in top.named_parameters() if "lora_" not in n}
 
 
+BASE_FILE = "prunetune_base.json"  # next to a saved adapter: the identity of the base it belongs to
+MERGED_ATTR = "prunetune_merged_adapter"  # config of a merged model: the fingerprint of the base before merging
+
+
+def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base weights by name, LoRA wrapping removed (the names a plain, unwrapped base has)."""
+    return {n.replace(".base_layer", ""): p for n, p in unwrap(model).named_parameters() if "lora_" not in n}
+
+
+def base_fingerprint(model: nn.Module, names: list[str] | None = None) -> dict:
+    """A hash of a few base weights: by default those of the first, middle and last linear with an adapter.
+
+    Merging changes exactly those weights, and a base of the right shapes but other weights (another run's,
+    another checkpoint's) has other values there: shapes alone told neither apart.
+    """
+    tensors = _base_tensors(model)
+    if names is None:
+        wrapped = sorted(f"{n}.weight" for n, m in unwrap(model).named_modules() if hasattr(m, "lora_A"))
+        names = sorted({wrapped[i] for i in (0, len(wrapped) // 2, len(wrapped) - 1)} if wrapped else set())
+    digest = hashlib.sha256()
+    dtype = None
+    for name in names:
+        if name not in tensors:
+            return {"tensors": names, "sha256": None, "dtype": None}
+        t = tensors[name].detach()
+        dtype = str(t.dtype).removeprefix("torch.")
+        digest.update(name.encode())
+        digest.update(t.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {"tensors": names, "sha256": digest.hexdigest(), "dtype": dtype}
+
+
 TRAINED_BASE_FILE = "prunetune_trainable.safetensors"
 
 
@@ -210,36 +248,109 @@ def trained_base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if p.requires_grad and "lora_" not in n}
 
 
-def save_adapter(model: nn.Module, out: Path) -> None:
-    """PEFT's adapter format plus the shapes of the pruned base it belongs to.
+def save_adapter(model: nn.Module, out: Path, *, base_model: str | None = None) -> None:
+    """PEFT's adapter format plus the identity of the pruned base it belongs to (BASE_FILE).
 
-    Fix: the norms and the task head train alongside LoRA (apply_lora's default) but PEFT saves only
-    the ``lora_`` tensors (they are not ``modules_to_save``), so a loaded adapter ran with the untrained
-    head and norms. They are now saved next to the adapter and load_adapter puts them back.
+    The identity: the base's shapes, a fingerprint of its weights before merging, and how to rebuild it (the
+    dense `base_model` and the layout that cuts it to the base; see pruned_base). Fix: the norms and the task
+    head train alongside LoRA (apply_lora's default) but PEFT saves only the ``lora_`` tensors (they are not
+    ``modules_to_save``), so a loaded adapter ran with the untrained head and norms. They are now saved next
+    to the adapter and load_adapter puts them back.
     """
     from safetensors.torch import save_file
 
+    from prunetune.surgery import current_layout
+
+    out = Path(out)
     _record_grown_ranks(model)
     model.save_pretrained(out)
-    (out / "prunetune_base.json").write_text(json.dumps({"shapes": shape_fingerprint(model)}))
+    layout = current_layout(model)
+    record = {
+        "shapes": shape_fingerprint(model),
+        "fingerprint": base_fingerprint(model),
+        "merged": False,  # the fingerprint is of the base before the adapter is merged into it
+        "base": {"model": base_model, "layout": layout.to_dict() if layout else None},
+    }
+    (out / BASE_FILE).write_text(json.dumps(record))
     extra = trained_base_tensors(model)
     if extra:
         save_file(extra, str(out / TRAINED_BASE_FILE))
+    dense = f"the dense model {base_model}" if base_model else "the dense model it was trained from"
+    (out / "README.md").write_text(
+        "PEFT LoRA adapter, unmerged. It fits only the base it was trained on: "
+        f"{dense}, cut to the layout in {BASE_FILE}, before merging. A merged model next to it already contains "
+        "it. Rebuild the base with prunetune.adapters.pruned_base(dense, dir), then "
+        "prunetune.adapters.load_adapter(base, dir), which checks the base against prunetune_base.json.\n"
+    )
+
+
+def _read_base_record(adapter_dir: Path) -> dict:
+    try:
+        return json.loads((adapter_dir / BASE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise PrunetuneError(f"{adapter_dir} is not a prunetune adapter (cannot read {BASE_FILE}: {e})") from e
+
+
+def _how_to_get_the_base(record: dict, adapter_dir: Path) -> str:
+    """What to load instead, in words that are true for this adapter directory."""
+    dense = (record.get("base") or {}).get("model")
+    text = (f"it belongs to the dense model {dense}" if dense else "it belongs to the dense model it was trained from")
+    if (record.get("base") or {}).get("layout"):
+        text += f" cut to the layout in {adapter_dir / BASE_FILE}, before merging"
+    text += "; rebuild that base with prunetune.adapters.pruned_base(dense_model, adapter_dir)"
+    merged = adapter_dir.parent / "model"
+    if (merged / "config.json").exists():
+        text += f" (the merged model {merged} already contains the adapter: use it as it is)"
+    return text
+
+
+def pruned_base(dense: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """The base a saved adapter was trained on, rebuilt in place from the dense model it started from."""
+    from prunetune.plan import PruningPlan
+    from prunetune.surgery import apply_plan, current_layout
+
+    adapter_dir = Path(adapter_dir)
+    layout = (_read_base_record(adapter_dir).get("base") or {}).get("layout")
+    if current_layout(dense) is not None:
+        raise PrunetuneError("pruned_base needs the dense model (this one is already pruned)")
+    if layout:
+        with torch.no_grad():
+            apply_plan(dense, PruningPlan.from_dict(layout))
+    return dense
 
 
 def load_adapter(base: nn.Module, adapter_dir: str | Path):
-    """Load a saved adapter onto `base`, refusing a base whose shapes differ from the one it was trained on."""
+    """Load a saved adapter onto `base`, refusing any base but the one it was trained on.
+
+    Refused: other shapes; the model the adapter was merged into (it would apply twice); other weights.
+    """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    meta = json.loads((adapter_dir / "prunetune_base.json").read_text())["shapes"]
+    record = _read_base_record(adapter_dir)
+    meta = record["shapes"]
     have = shape_fingerprint(base)
     if have != meta:
         differing = [n for n in meta if have.get(n) != meta[n]] or sorted(set(have) - set(meta))
         raise PrunetuneError(
             f"adapter {adapter_dir} was trained on a base of other shapes (e.g. {differing[:1]}); "
-            "load it onto the pruned base saved with it"
+            + _how_to_get_the_base(record, adapter_dir)
         )
+    fingerprint = record.get("fingerprint")  # adapters saved before it was recorded have shapes only
+    if fingerprint and fingerprint.get("sha256"):
+        if getattr(unwrap(base).config, MERGED_ATTR, None) == fingerprint["sha256"]:
+            raise PrunetuneError(
+                f"adapter {adapter_dir} is already merged into this model; loading it would apply it twice. "
+                + _how_to_get_the_base(record, adapter_dir)
+            )
+        now = base_fingerprint(base, fingerprint["tensors"])
+        if now["sha256"] != fingerprint["sha256"]:
+            dtypes = (f" (the base is {now['dtype']}, the adapter's base was {fingerprint['dtype']})"
+                      if now["dtype"] != fingerprint["dtype"] else "")
+            raise PrunetuneError(
+                f"adapter {adapter_dir} was trained on a base with other weights{dtypes}; "
+                + _how_to_get_the_base(record, adapter_dir)
+            )
     trained = adapter_dir / TRAINED_BASE_FILE
     if trained.exists():  # the norms / head trained with the adapter (see save_adapter)
         from safetensors.torch import load_file

@@ -81,8 +81,18 @@ class Family:
     embeddings: tuple[str, ...]  # base-relative embeddings whose last dim is `hidden`
     global_norms: tuple[str, ...] = ()  # base-relative norms outside the layers
     hidden_readers: tuple[str, ...] = ()  # top-level linears that read the hidden stream (input side)
+    # Top-level linears that write the hidden stream again, and norms of width `hidden` in a head: a masked-LM
+    # head maps the stream through dense + norm before its decoder, which is tied to the word embeddings.
+    hidden_writers: tuple[str, ...] = ()
+    head_norms: tuple[str, ...] = ()
+    # Readers that only read the hidden stream in some head classes, keyed by the class name's suffix: BERT's
+    # `classifier` reads every token's hidden state in ...ForTokenClassification but the pooler's dense
+    # output (whose width a hidden plan leaves alone) in ...ForSequenceClassification.
+    class_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     position_bias_source: str | None = None  # T5: the attribute of the attention holding the bias table
-    auto_classes: tuple[str, ...] = ()  # transformers Auto* classes this family is exported for
+    # transformers Auto* classes this family is exported for, in the order a checkpoint's declared
+    # architecture is looked up (the first whose mapping names that architecture loads it)
+    auto_classes: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
     @property
@@ -119,9 +129,21 @@ _BERT_LIKE = dict(
     norm_eps_attr="eps",
     embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
     global_norms=("embeddings.LayerNorm",),
-    # The pooler and the RoBERTa head read the hidden stream; their outputs keep their width.
-    hidden_readers=("bert.pooler.dense", "roberta.pooler.dense", "pooler.dense", "classifier.dense", "qa_outputs"),
-    auto_classes=("AutoModel", "AutoModelForSequenceClassification", "AutoModelForQuestionAnswering"),
+    # The pooler, the RoBERTa classification head, the QA head and the masked-LM heads (BERT's `cls`, RoBERTa's
+    # `lm_head`) read the hidden stream. The pooler's and the classification head's outputs keep their width
+    # (the next classifier reads them, not the stream); the masked-LM transform writes the stream again.
+    hidden_readers=(
+        "bert.pooler.dense", "roberta.pooler.dense", "pooler.dense", "classifier.dense", "qa_outputs",
+        "cls.predictions.transform.dense", "cls.predictions.decoder", "lm_head.dense", "lm_head.decoder",
+    ),
+    hidden_writers=("cls.predictions.transform.dense", "lm_head.dense"),
+    head_norms=("cls.predictions.transform.LayerNorm", "lm_head.layer_norm"),
+    class_readers={"ForTokenClassification": ("classifier",)},
+    auto_classes=(
+        "AutoModel", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+        "AutoModelForQuestionAnswering", "AutoModelForMaskedLM", "AutoModelForCausalLM",
+        "AutoModelForMultipleChoice", "AutoModelForPreTraining", "AutoModelForNextSentencePrediction",
+    ),
 )
 
 
@@ -203,8 +225,11 @@ _LLAMA_LIKE = dict(
     norm="rms",
     norm_eps_attr="variance_epsilon",
     embeddings=("embed_tokens",),
-    hidden_readers=("lm_head", "score"),
-    auto_classes=("AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"),
+    hidden_readers=("lm_head", "score", "qa_outputs"),
+    auto_classes=(
+        "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+        "AutoModelForQuestionAnswering",
+    ),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -218,15 +243,42 @@ FAMILIES: dict[str, Family] = {
         norm="rms",
         norm_eps_attr="variance_epsilon",
         embeddings=("shared", "encoder.embed_tokens", "decoder.embed_tokens"),
-        hidden_readers=("lm_head", "classification_head.dense"),
+        # `classifier` is only T5ForTokenClassification's, which reads the encoder's stream
+        hidden_readers=("lm_head", "classification_head.dense", "qa_outputs", "classifier"),
         position_bias_source="relative_attention_bias",
-        auto_classes=("AutoModel", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification"),
+        auto_classes=(
+            "AutoModel", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification",
+            "AutoModelForTokenClassification", "AutoModelForQuestionAnswering", "AutoModelForTextEncoding",
+        ),
         extra={"gated_stacks": _t5_stacks(_T5_GATED_FFN)},
     ),
     "llama": Family(name="llama", model_types=("llama",), **_LLAMA_LIKE),
     "mistral": Family(name="mistral", model_types=("mistral",), **_LLAMA_LIKE),
     "qwen2": Family(name="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),
 }
+
+
+# transformers' table of architectures for each Auto class (modeling_auto.<name>: {model_type: class name})
+AUTO_MAPPINGS: dict[str, str] = {
+    "AutoModel": "MODEL_MAPPING_NAMES",
+    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForMultipleChoice": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",
+    "AutoModelForPreTraining": "MODEL_FOR_PRETRAINING_MAPPING_NAMES",
+    "AutoModelForNextSentencePrediction": "MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES",
+    "AutoModelForTextEncoding": "MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES",
+}
+
+
+def auto_class_names(auto_class: str) -> dict[str, str]:
+    """{model_type: architecture class name} that the named stock Auto class builds."""
+    from transformers.models.auto import modeling_auto
+
+    return getattr(modeling_auto, AUTO_MAPPINGS[auto_class])
 
 
 def family_of(model_or_config) -> Family:
@@ -387,7 +439,7 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def all_norms(model: nn.Module) -> list[nn.Module]:
-    """Every norm of width `hidden`: in the layers, after the embeddings and at the end of each stack."""
+    """Every norm of width `hidden`: in the layers, after the embeddings, at the end of each stack and in a head."""
     fam = family_of(unwrap(model))
     base = base_model(model)
     norms = [get(base, p) for p in fam.global_norms]
@@ -396,7 +448,13 @@ def all_norms(model: nn.Module) -> list[nn.Module]:
             norms.append(get(base, stack.final_norm))
     for layer in layer_sites(model):
         norms.extend(layer.norms)
+    norms.extend(get(unwrap(model), p) for p in fam.head_norms)
     return [n for n in norms if n is not None]
+
+
+def _head_class_readers(fam: Family, top: nn.Module) -> tuple[str, ...]:
+    name = type(top).__name__
+    return tuple(p for suffix, paths in fam.class_readers.items() if name.endswith(suffix) for p in paths)
 
 
 def hidden_sites(model: nn.Module) -> dict[str, list[tuple[nn.Module, int]]]:
@@ -424,11 +482,14 @@ def hidden_sites(model: nn.Module) -> dict[str, list[tuple[nn.Module, int]]]:
         sites["linear_in"].extend((m, 1) for m in layer.ffn.inputs)
         sites["linear_out"].append((layer.ffn.output, 0))
     seen = set()
-    for p in fam.hidden_readers:
+    for p in (*fam.hidden_readers, *_head_class_readers(fam, top)):
         m = get(top, p)
         if m is not None and id(m) not in seen:
             seen.add(id(m))
             sites["linear_in"].append((m, 1))
+    for p in fam.hidden_writers:
+        if (m := get(top, p)) is not None:
+            sites["linear_out"].append((m, 0))
     return sites
 
 

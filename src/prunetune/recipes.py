@@ -267,8 +267,9 @@ def _warm_imports(location: str) -> None:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one method end to end and write DIR/model, DIR/adapter, DIR/report.{json,md}, logs and scores."""
     cfg.check()
-    out = check_output_dir(cfg.out, overwrite=cfg.overwrite)
     location = resolve(cfg.model)
+    inputs = [location, cfg.data]  # --out must not replace them
+    out = check_output_dir(cfg.out, overwrite=cfg.overwrite, inputs=inputs)
     task = tasks.for_model(cfg.task, location)  # GLUE on T5 is text-to-text
     tokenizer = load_tokenizer(location)
     loaders = task.loaders(
@@ -297,14 +298,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     def evaluate(m: nn.Module) -> dict:
         return task.evaluate(m, dev_loader)
 
-    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+    with atomic_dir(out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
         log_path = tmp / "metrics.jsonl"
         result = RUNNERS[cfg.method](cfg, model, train_loader, evaluate, log_path, sample_loader)
         peak_train = memory.read()
         adapter_dir = None
         if adapters.lora_layers(result.model):
             adapter_dir = tmp / "adapter"
-            adapters.save_adapter(result.model, adapter_dir)
+            adapters.save_adapter(result.model, adapter_dir, base_model=location)
         merged = adapters.merge(result.model)
         save_compact(merged, tmp / "model", tokenizer)
         # the report's metric comes from the exported model as `prunetune evaluate` will load it
@@ -348,11 +349,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         report["summary"] = _summary(report)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         (tmp / "report.md").write_text(report_markdown(report))
-        if adapter_dir is not None:
-            (adapter_dir / "README.md").write_text(
-                "PEFT LoRA adapter, unmerged. It only fits the pruned base it was trained on: load with "
-                "prunetune.adapters.load_adapter(base, dir), which checks prunetune_base.json.\n"
-            )
     return report
 
 

@@ -27,7 +27,7 @@ from prunetune.families import (
     set_module,
     unwrap,
 )
-from prunetune.plan import PruningPlan, kv_groups_kept
+from prunetune.plan import PruningPlan, kv_groups_kept, model_shapes
 
 LAYOUT_ATTR = "prunetune_layout"  # config attribute: the plan, relative to the dense model, applied so far
 BASE_TYPE_ATTR = "prunetune_base_model_type"
@@ -150,6 +150,8 @@ def _prune_heads(site: AttentionSite, kept: list[int], full_heads: int, log: Sli
 def apply_plan(model: nn.Module, plan: PruningPlan, log: SliceLog | None = None) -> SliceLog:
     """Remove, for real, everything the plan does not keep. Returns the log of sliced parameters."""
     plan.validate(model)
+    # a layout (the plan from the dense model) records the dense shapes: taken here, before the first cut
+    dense_shapes = None if current_layout(model) else model_shapes(model)
     log = log if log is not None else SliceLog()
     done: dict[int, tuple] = {}
     top = unwrap(model)
@@ -177,15 +179,18 @@ def apply_plan(model: nn.Module, plan: PruningPlan, log: SliceLog | None = None)
             prune_linear(lin, "in", idx, log, done)
         for lin, _ in sites["linear_out"]:
             prune_linear(lin, "out", idx, log, done)
-    _record_layout(top, plan)
+    _record_layout(top, plan, dense_shapes)
     return log
 
 
-def _record_layout(top: nn.Module, plan: PruningPlan) -> None:
-    """Keep on the config the plan relative to the dense model, which export writes and reload replays."""
+def _record_layout(top: nn.Module, plan: PruningPlan, dense_shapes: dict | None) -> None:
+    """Keep on the config the plan relative to the dense model, which export writes and reload replays.
+
+    With the dense shapes in it, a reload refuses a checkpoint whose config does not build those shapes.
+    """
     config = top.config
     previous = getattr(config, LAYOUT_ATTR, None)
-    step = PruningPlan(plan.family, plan.heads, plan.neurons, plan.hidden)
+    step = PruningPlan(plan.family, plan.heads, plan.neurons, plan.hidden, shapes=dense_shapes)
     layout = PruningPlan.from_dict(previous).compose(step) if previous else step
     setattr(config, LAYOUT_ATTR, layout.to_dict())
     if getattr(config, BASE_TYPE_ATTR, None) is None:
