@@ -42,6 +42,7 @@ def ws(tmp_path_factory) -> Path:
 
     cfg = tiny_config("bert")
     cfg.vocab_size = len(tok)
+    cfg.max_position_embeddings = 128  # the commands' default --max-length
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(cfg).save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")

@@ -26,8 +26,8 @@ POSITIVE = {"good", "great", "fun"}
 METHOD_ARGS = {
     "full": [],
     "lora": [],
-    "prune-lora": ["--heads-keep", "0.5"],
-    "lora-prune": ["--keep-params", "0.5"],
+    "prune-lora": ["--heads-keep", "0.5", "--samples", "16"],
+    "lora-prune": ["--keep-params", "0.5", "--samples", "16"],
     "apt": ["--keep-params", "0.5", "--distill", "--eval-every", "2"],  # evaluations give the teacher
 }
 LORA_METHODS = ("lora", "prune-lora", "lora-prune", "apt")
@@ -75,8 +75,7 @@ def ws(tmp_path_factory) -> Path:
 
 
 def common(ws: Path) -> list[str]:
-    return ["--task", "sst2", "--data", str(ws / "sst2"), "--batch-size", "16", "--samples", "16", "--max-length",
-            "16"]
+    return ["--task", "sst2", "--data", str(ws / "sst2"), "--batch-size", "16", "--max-length", "16"]
 
 
 def run_cli(args) -> tuple[int, str, str]:
@@ -128,7 +127,14 @@ def test_method_writes_a_complete_run(runs, method):
     assert all(math.isfinite(e["loss"]) for e in lines)
     md = (out / "report.md").read_text()
     assert md.startswith(f"# prunetune {method} on sst2") and f"{report['metrics']['main']:.4f}" in md
-    assert stdout.strip() == report["summary"]
+    first, *where = stdout.strip().splitlines()
+    assert first == report["summary"]
+    # then where everything went, each path printed existing
+    shown = {line.split(":", 1)[0]: line.split(":", 1)[1].split(" (")[0].strip() for line in where}
+    assert set(shown) == {"model", "report", "data"} | ({"adapter"} if method in LORA_METHODS else set())
+    for paths in shown.values():
+        assert all(Path(p.strip()).exists() for p in paths.split(","))
+    assert shown["model"] == str(out / "model") == report["outputs"]["model"]
     inference = report["inference"]
     assert inference["dev_examples"] == 32
     if method == REAL_BENCH:
@@ -215,7 +221,7 @@ def test_existing_output_is_refused(ws, tmp_path):
                                  ["--keep-params", "1.5"], ["--epochs", "0"], ["--keep-flops", "1.5"],
                                  ["--keep-params", "0.5", "--keep-flops", "0.5"], ["--seq-len", "0"]])
 def test_bad_values_are_rejected(ws, tmp_path, bad):
-    method = "apt" if "--keep-params" in bad else "prune-lora" if "--heads-keep" in bad else "lora"
+    method = "apt" if {"--keep-params", "--keep-flops"} & set(bad) else "prune-lora" if "--heads-keep" in bad else "lora"
     rc, _, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", method, "--out", tmp_path / "out", *bad])
     assert rc == 2
     lines = error_lines(err)

@@ -100,7 +100,7 @@ def test_finetune_t5_text_to_text_and_evaluate_the_export(ws, tmp_path, monkeypa
     out = tmp_path / method
     extra = ["--keep-params", "0.5"] if method == "apt" else []
     rc, _, err = run_cli(["finetune", ws / "t5", "--task", "sst2", "--data", ws / "sst2", "--batch-size", "8",
-                          "--samples", "8", "--max-length", "16", "--epochs", "2", "--method", method, "--out", out,
+                          "--max-length", "16", "--epochs", "2", "--method", method, "--out", out,
                           *extra])
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
