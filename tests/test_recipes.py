@@ -221,7 +221,8 @@ def test_existing_output_is_refused(ws, tmp_path):
                                  ["--keep-params", "1.5"], ["--epochs", "0"], ["--keep-flops", "1.5"],
                                  ["--keep-params", "0.5", "--keep-flops", "0.5"], ["--seq-len", "0"]])
 def test_bad_values_are_rejected(ws, tmp_path, bad):
-    method = "apt" if {"--keep-params", "--keep-flops"} & set(bad) else "prune-lora" if "--heads-keep" in bad else "lora"
+    budgeted = {"--keep-params", "--keep-flops"} & set(bad)
+    method = "apt" if budgeted else "prune-lora" if "--heads-keep" in bad else "lora"
     rc, _, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", method, "--out", tmp_path / "out", *bad])
     assert rc == 2
     lines = error_lines(err)

@@ -587,12 +587,12 @@ def _evaluation_source(data: str | None, record: dict | None, seed: int) -> tupl
     return DataSource(None, dev_path=data), seed
 
 
-def check_task_record(record: dict | None, task: tasks.Task, path: str) -> None:
-    """Refuse an export made for another task; warn when its head was never trained or its task is unknown."""
+def check_task_record(record: dict | None, task: tasks.Task, path: str) -> str | None:
+    """Refuse an export made for another task; the warning to give when its head was never trained or its task
+    is unknown (None: the record matches)."""
     if record is None:
-        warnings.warn(f"{path} does not record its task (not a `prunetune finetune` export): the scores mean "
-                      f"something only if its head was trained for {task.name}", PrunetuneWarning, stacklevel=2)
-        return
+        return (f"{path} does not record its task (not a `prunetune finetune` export): the scores mean something "
+                f"only if its head was trained for {task.name}")
     if record.get("name") != task.name:
         raise PrunetuneError(f"{path} was fine-tuned for {record.get('name')}, not {task.name}: its head's outputs "
                              f"are {record.get('name')}'s classes")
@@ -600,8 +600,9 @@ def check_task_record(record: dict | None, task: tasks.Task, path: str) -> None:
         raise PrunetuneError(f"{path} was made for the labels {record.get('labels')} of {task.name}, "
                              f"this task has {task.labels()}")
     if not record.get("trained"):
-        warnings.warn(f"the {task.name} head of {path} was never trained (a `prunetune prune` output): expect "
-                      "chance-level scores; fine-tune it first", PrunetuneWarning, stacklevel=2)
+        return (f"the {task.name} head of {path} was never trained (a `prunetune prune` output): expect "
+                "chance-level scores; fine-tune it first")
+    return None
 
 
 def evaluate_export(
@@ -624,10 +625,12 @@ def evaluate_export(
     tokenizer = load_tokenizer(location)
     check_tokenizer(tokenizer, config)
     record = getattr(config, tasks.TASK_ATTR, None)
-    check_task_record(record, the_task, path)
+    caution = check_task_record(record, the_task, path)
     source, seed = _evaluation_source(data, record, seed)
-    model = the_task.load_model(location).to(pick_device())
+    model = the_task.load_model(location).to(pick_device())  # refuses a head of another width
     check_tokenizer(tokenizer, model)
     loader = the_task.eval_loader(tokenizer, data=source, eval_limit=eval_limit, max_length=max_length, seed=seed,
                                   batch_size=batch_size)
+    if caution:  # after every refusal: a refused run says one thing
+        warnings.warn(caution, PrunetuneWarning, stacklevel=2)
     return the_task.evaluate(model, loader)
