@@ -21,11 +21,6 @@ from prunetune.text2text import LABEL_WORDS, Text2TextGlueTask, class_scores
 WORDS = ["the", "a", "movie", "plot", "was", "is", "not", "very", "good", "bad", "great", "dull", "and", "sst2",
          "sentence", ":", "negative", "positive"]
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape"),
-    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
-]
-
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
