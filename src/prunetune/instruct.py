@@ -148,7 +148,12 @@ class InstructTask:
         return self._loader(tokenizer, train.dataset, max_length, batch_size)
 
     def eval_loader(self, tokenizer, *, data, eval_limit, max_length, seed, batch_size: int = EVAL_BATCH_SIZE):
-        _, dev = self._split(data, seed, eval_limit=eval_limit)
+        source = DataSource.of(data)
+        if source.path is None and source.dev_path is not None:  # records to score, all of them (evaluate)
+            records = read_records(source.dev_path)
+            dev = self._rows(records, range(len(records)), source.dev_path, len(records), False, eval_limit, seed)
+        else:
+            _, dev = self._split(data, seed, eval_limit=eval_limit)
         return self._loader(tokenizer, dev.dataset, max_length, batch_size)
 
     def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed,
