@@ -401,6 +401,18 @@ def test_check_tokenizer_reads_a_models_embedding_rows(tokenizer) -> None:
         check_tokenizer(tokenizer, SimpleNamespace(config=config, get_input_embeddings=lambda: short))
 
 
+def test_check_tokenizer_refuses_special_tokens_past_the_table(tmp_path: Path) -> None:
+    """Special tokens added after the vocabulary get the highest ids: one past the table is caught by name."""
+    import transformers
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]))
+    tok = transformers.BertTokenizerFast.from_pretrained(tmp_path)
+    check_tokenizer(tok, SimpleNamespace(vocab_size=len(tok)))
+    tok.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    with pytest.raises(PrunetuneError, match="special token <extra> has id 8"):
+        check_tokenizer(tok, SimpleNamespace(vocab_size=8))
+
+
 def test_max_positions_per_family() -> None:
     import transformers
 

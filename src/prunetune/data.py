@@ -381,6 +381,13 @@ def check_tokenizer(tokenizer: Any, model_or_config: Any) -> None:
     if rows is None:
         return
     size = len(tokenizer)
+    special = {t: i for t, i in zip(getattr(tokenizer, "all_special_tokens", []),
+                                    getattr(tokenizer, "all_special_ids", []), strict=False)}
+    outside = {t: i for t, i in special.items() if i is not None and i >= rows}
+    if outside:  # a tokenizer whose special tokens were added past a smaller model's table
+        token, index = next(iter(outside.items()))
+        raise PrunetuneError(f"the tokenizer's special token {token} has id {index}, but the model has {rows} "
+                             "embedding rows: the tokenizer does not belong to this model")
     if size > rows:
         raise PrunetuneError(
             f"tokenizer has {size} tokens but the model's vocabulary has {rows}: "
