@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -287,7 +288,8 @@ def test_a_single_data_file_is_split_and_the_run_says_which_rows(ws, tmp_path, m
     train_rows, dev_rows = split["train"]["rows"], split["dev"]["rows"]
     assert len(dev_rows) == 6 and len(train_rows) == 58  # a tenth held out (rounded), by --seed 42
     assert not set(train_rows) & set(dev_rows) and sorted(train_rows + dev_rows) == list(range(1, 65))
-    assert split["held_out"] == {"file": str(data.resolve()), "dev_fraction": 0.1, "seed": 42}
+    assert split["held_out"] == {"file": str(data.resolve()), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                                 "dev_fraction": 0.1, "seed": 42}
     assert report["data"]["dev"]["examples"] == report["inference"]["dev_examples"] == 6
     assert "held out" in (out / "report.md").read_text()
     # every stage shows itself on stderr, the held-out split first
@@ -300,9 +302,12 @@ def test_a_single_data_file_is_split_and_the_run_says_which_rows(ws, tmp_path, m
     # the export knows its rows: evaluating it on its training file scores only the held-out ones
     record = json.loads((out / "model" / "config.json").read_text())["prunetune_task"]
     assert record["held_out"] == split["held_out"] and record["trained"] is True
-    rc, text, err = run_cli(["evaluate", out / "model", "--task", "sst2", "--data", data, "--max-length", "16"])
-    assert rc == 0, err
-    assert json.loads(text) == report["metrics"]
+    copy = tmp_path / "copied.tsv"  # recognised by its bytes, too
+    copy.write_bytes(data.read_bytes())
+    for path in (data, copy):
+        rc, text, err = run_cli(["evaluate", out / "model", "--task", "sst2", "--data", path, "--max-length", "16"])
+        assert rc == 0, err
+        assert json.loads(text) == report["metrics"]
     rows = data.read_text().splitlines()[1:]
     held = tmp_path / "held.tsv"
     held.write_text("sentence\tlabel\n" + "".join(rows[i - 1] + "\n" for i in dev_rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -270,6 +271,15 @@ class SplitRows:
             # 1 = the file's first example (after any header line)
             "rows": None if every else [i + 1 for i in self.rows],
         }
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: recognises a run's training file wherever it was copied to."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def held_out_rows(n: int, fraction: float, seed: int) -> np.ndarray:

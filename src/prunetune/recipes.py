@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from prunetune import adapters, tasks
-from prunetune.data import DEFAULT_DEV_FRACTION, DataSource, check_max_length, check_tokenizer
+from prunetune.data import DEFAULT_DEV_FRACTION, DataSource, check_max_length, check_tokenizer, file_digest
 from prunetune.errors import PrunetuneError, PrunetuneWarning
 from prunetune.export import atomic_dir, check_output_dir, save_compact
 from prunetune.families import unwrap
@@ -580,7 +580,9 @@ def _evaluation_source(data: str | None, record: dict | None, seed: int) -> tupl
     if data is None or Path(data).is_dir():
         return DataSource(data), seed
     held = (record or {}).get("held_out")
-    if held and Path(held["file"]).resolve() == Path(data).resolve():
+    # the same path, or the same bytes elsewhere: scoring a copy of the training file whole would score
+    # training rows
+    if held and (Path(held["file"]).resolve() == Path(data).resolve() or held.get("sha256") == file_digest(data)):
         status(f"{data} is the file the model trained on: scoring only the rows the run held out of it "
                f"(--dev-fraction {held['dev_fraction']:g}, --seed {held['seed']})")
         return DataSource(data, dev_fraction=held["dev_fraction"]), held["seed"]

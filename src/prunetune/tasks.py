@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from prunetune.data import DataSource, SplitRows, get_task, load_task_rows, make_loader, tokenize
+from prunetune.data import DataSource, SplitRows, file_digest, get_task, load_task_rows, make_loader, tokenize
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import compute_metrics
 from prunetune.models import load_for_task, model_kind
@@ -112,7 +112,8 @@ def describe_data(data, train: SplitRows, dev: SplitRows, seed: int) -> dict:
     source = DataSource.of(data)
     out = {"train": train.describe(), "dev": dev.describe()}
     if source.held_out:
-        out["held_out"] = {"file": str(Path(source.path).resolve()), "dev_fraction": source.dev_fraction, "seed": seed}
+        out["held_out"] = {"file": str(Path(source.path).resolve()), "sha256": file_digest(source.path),
+                           "dev_fraction": source.dev_fraction, "seed": seed}
     return out
 
 
