@@ -33,8 +33,10 @@ def run_method(name: str, args, out: Path) -> dict:
     cmd = [
         sys.executable, "-m", "prunetune.cli", "finetune", "--task", "sst2", "--method", method,
         "--out", str(out), "--overwrite", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-        "--max-length", str(args.max_length), "--seed", str(args.seed), "--samples", str(args.samples),
+        "--max-length", str(args.max_length), "--seed", str(args.seed),
     ]
+    if method in ("prune-lora", "lora-prune"):  # the methods that score importance on a sample (the others refuse it)
+        cmd += ["--samples", str(args.samples)]
     if args.train_limit:
         cmd += ["--train-limit", str(args.train_limit)]
     if args.eval_every:
@@ -55,8 +57,9 @@ def run_method(name: str, args, out: Path) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    print(proc.stdout.strip().splitlines()[-1], flush=True)
-    return json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    print(report["summary"], flush=True)
+    return report
 
 
 def table(results: dict[str, dict], infer: dict[str, dict]) -> str:

@@ -49,8 +49,6 @@ def run(method: str, args, out: Path, extra: list[str]) -> dict:
         str(args.train_limit),
         "--eval-limit",
         str(args.eval_limit),
-        "--samples",
-        str(args.samples),
         "--seed",
         str(args.seed),
         "--rank",
@@ -68,8 +66,9 @@ def run(method: str, args, out: Path, extra: list[str]) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
-    print(proc.stdout.strip().splitlines()[-1], flush=True)
-    return json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    print(report["summary"], flush=True)
+    return report
 
 
 def main() -> None:
@@ -97,7 +96,8 @@ def main() -> None:
     out = Path(args.out)
     rows = [("LoRA, unpruned", run("lora", args, out / "lora", []))]
     for scorer in args.scorers:
-        flags = ["--prune-before-training", "--keep-params", str(args.keep_params), "--scorer", scorer]
+        flags = ["--prune-before-training", "--keep-params", str(args.keep_params), "--scorer", scorer,
+                 "--samples", str(args.samples)]
         rows.append((f"APT prune-before-training {args.keep_params:.0%}, {scorer}",
                      run("apt", args, out / f"apt-pbt-{scorer}", flags)))
     lines = [

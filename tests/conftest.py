@@ -87,11 +87,15 @@ def quiet_progress_bars():
     import datasets
     import transformers
 
+    from prunetune.train import set_progress
+
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    set_progress(False)  # prunetune's own bars and stage lines (tests that check them turn them on)
     yield
     transformers.utils.logging.enable_progress_bar()
     datasets.enable_progress_bars()
+    set_progress(True)
 
 
 @pytest.fixture(params=FAMILIES)

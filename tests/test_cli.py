@@ -13,6 +13,7 @@ import transformers
 from conftest import tiny_config
 from engine_helpers import max_diff, word_tokenizer
 
+import prunetune
 from prunetune import models
 from prunetune.cli import main
 from prunetune.plan import PruningPlan
@@ -42,6 +43,7 @@ def ws(tmp_path_factory) -> Path:
 
     cfg = tiny_config("bert")
     cfg.vocab_size = len(tok)
+    cfg.max_position_embeddings = 128  # the commands' default --max-length
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(cfg).save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
@@ -50,6 +52,17 @@ def ws(tmp_path_factory) -> Path:
     small.vocab_size = len(tok) - 4  # the tokenizer can emit ids the embedding table does not have
     transformers.BertForSequenceClassification(small).save_pretrained(root / "small_vocab")
     tok.save_pretrained(root / "small_vocab")
+
+    big = tiny_config("bert")
+    big.vocab_size = 4 * len(tok)  # a model of a larger vocabulary: the tokenizer is another model's
+    transformers.BertForSequenceClassification(big).save_pretrained(root / "big_vocab")
+    tok.save_pretrained(root / "big_vocab")
+
+    # the stock model, recorded as fine-tuned for sst2 (what `finetune` writes into an export's config)
+    tagged = transformers.BertForSequenceClassification.from_pretrained(root / "bert")
+    tagged.config.prunetune_task = {"name": "sst2", "labels": ["0", "1"], "trained": True}
+    tagged.save_pretrained(root / "tagged")
+    tok.save_pretrained(root / "tagged")
 
     gpt2 = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=32, bos_token_id=0,
                                    eos_token_id=0)
@@ -182,6 +195,20 @@ BAD_INPUT = {
     "missing model dir": (["prune", "{ws}/nope", "--keep-params", "0.5"], "does not exist"),
     "budget 0": (["prune", "{ws}/bert", "--keep-params", "0"], "(0, 1]"),
     "budget 1.5": (["prune", "{ws}/bert", "--keep-params", "1.5"], "(0, 1]"),
+    "budget nan": (["prune", "{ws}/bert", "--keep-params", "nan"], "--keep-params must be in (0, 1]"),
+    "heads nan": (["prune", "{ws}/bert", "--heads-keep", "nan"], "--heads-keep must be"),
+    "heads inf": (["prune", "{ws}/bert", "--heads-keep", "inf"], "--heads-keep must be"),
+    "heads 2.5": (["prune", "{ws}/bert", "--heads-keep", "2.5"], "a whole count"),
+    "not a number": (["prune", "{ws}/bert", "--keep-params", "half"], "invalid float value: 'half'"),
+    "unknown flag": (["prune", "{ws}/bert", "--keep-parms", "0.5"], "unrecognized arguments"),
+    "plan and a budget": (["prune", "{ws}/bert", "--plan", "{ws}/llama_plan.json", "--keep-params", "0.5"],
+                          "--plan says what to keep: --keep-params would be ignored"),
+    "data without a task": (["prune", "{ws}/bert", "--keep-params", "0.5", "--data", "{ws}/sst2.tsv"],
+                            "--data needs --task"),
+    "scorer without a task": (["prune", "{ws}/bert", "--keep-params", "0.5", "--scorer", "head_grad"],
+                              "--scorer needs --task"),
+    "samples 0": (["prune", "{ws}/bert", "--keep-params", "0.5", "--task", "sst2", "--data", "{ws}/sst2.tsv",
+                   "--samples", "0"], "--samples must be positive"),
     "plan of another family": (["prune", "{ws}/bert", "--plan", "{ws}/llama_plan.json"], "family 'llama'"),
     "plan index out of range": (["prune", "{ws}/bert", "--plan", "{ws}/out_of_range_plan.json"], "out of range"),
     "missing plan file": (["prune", "{ws}/bert", "--plan", "{ws}/nothing.json"], "cannot read plan"),
@@ -190,6 +217,12 @@ BAD_INPUT = {
     "empty data file": (["importance", "{ws}/bert", "--task", "sst2", "--data", "{ws}/empty.tsv"], "empty"),
     "tokenizer larger than vocab": (["importance", "{ws}/small_vocab", "--task", "sst2", "--data", "{ws}/sst2.tsv"],
                                     "vocabulary"),
+    "tokenizer of a smaller model": (["importance", "{ws}/big_vocab", "--task", "sst2", "--data", "{ws}/sst2.tsv"],
+                                     "does not belong to this model"),
+    "max length past the positions": (["importance", "{ws}/bert", "--task", "sst2", "--data", "{ws}/sst2.tsv",
+                                       "--max-length", "200"], "--max-length 200 is longer than the model's 128"),
+    "prune max length": (["prune", "{ws}/bert", "--task", "sst2", "--data", "{ws}/sst2.tsv", "--heads-keep", "0.5",
+                          "--max-length", "129"], "positions"),
     "unsupported model type": (["prune", "{ws}/gpt2", "--keep-params", "0.5"], "unsupported model type 'gpt2'"),
     "unsupported model, importance": (["importance", "{ws}/gpt2", "--task", "sst2", "--data", "{ws}/sst2.tsv"],
                                       "unsupported model type"),
@@ -197,6 +230,57 @@ BAD_INPUT = {
                        "unknown importance scorer"),
     "unknown task": (["importance", "{ws}/bert", "--task", "sst7", "--data", "{ws}/sst2.tsv"], "unknown task"),
     "no budget": (["prune", "{ws}/bert"], "--plan or a budget"),
+    # finetune: refused before anything loads
+    "finetune without a task": (["finetune", "{ws}/bert"], "finetune needs --task"),
+    "finetune without --out": (["finetune", "{ws}/bert", "--task", "sst2", "--out"], "expected one argument"),
+    "lr 0": (["finetune", "{ws}/bert", "--task", "sst2", "--lr", "0"], "--lr must be a positive, finite number"),
+    "lr negative": (["finetune", "{ws}/bert", "--task", "sst2", "--lr", "-0.0001"], "--lr must be"),
+    "lr nan": (["finetune", "{ws}/bert", "--task", "sst2", "--lr", "nan"], "--lr must be"),
+    "epochs nan": (["finetune", "{ws}/bert", "--task", "sst2", "--epochs", "nan"], "--epochs must be"),
+    "epochs inf": (["finetune", "{ws}/bert", "--task", "sst2", "--epochs", "inf"], "--epochs must be"),
+    "batch size 0": (["finetune", "{ws}/bert", "--task", "sst2", "--batch-size", "0"], "--batch-size must be"),
+    "batch size nan": (["finetune", "{ws}/bert", "--task", "sst2", "--batch-size", "nan"], "invalid int value"),
+    "dev fraction 1": (["finetune", "{ws}/bert", "--task", "sst2", "--dev-fraction", "1"], "--dev-fraction must be"),
+    "lora with a budget": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "lora", "--keep-params", "0.5",
+                            "--heads-keep", "0.5"], "--method lora does not use --heads-keep, --keep-params"),
+    "prune-lora with keep-params": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "prune-lora",
+                                     "--keep-params", "0.5"], "--method prune-lora does not use --keep-params"),
+    "prune-lora with rank": (["finetune", "{ws}/bert", "--task", "sst2", "--rank", "16"],
+                             "--method prune-lora does not use --rank"),
+    "apt with heads-keep": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt", "--heads-keep", "0.5"],
+                            "--method apt does not use --heads-keep"),
+    "apt with top-blocks": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt", "--top-blocks", "2"],
+                            "does not use --top-blocks"),
+    "lora with rank-high": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "lora", "--rank-high", "16"],
+                            "does not use --rank-high"),
+    "distill outside apt": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "lora", "--distill"],
+                            "does not use --distill"),
+    "prune before training outside apt": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "lora-prune",
+                                           "--prune-before-training"], "does not use --prune-before-training"),
+    "scorer outside apt": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "full", "--scorer", "fisher"],
+                           "does not use --scorer"),
+    "samples with full": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "full", "--samples", "64"],
+                          "does not use --samples"),
+    "apt scorer without pruning first": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt",
+                                          "--scorer", "fisher"], "--scorer needs --prune-before-training"),
+    "apt distill without evaluations": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt", "--distill"],
+                                        "--distill needs --eval-every"),
+    "finetune unknown scorer": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt",
+                                 "--prune-before-training", "--scorer", "x"], "unknown importance scorer"),
+    "finetune max length": (["finetune", "{ws}/bert", "--task", "sst2", "--max-length", "512"], "positions"),
+    "finetune tokenizer larger than vocab": (["finetune", "{ws}/small_vocab", "--task", "sst2", "--max-length", "32"],
+                                             "does not belong to this model"),
+    "finetune tokenizer of a smaller model": (["finetune", "{ws}/big_vocab", "--task", "sst2", "--max-length", "32"],
+                                              "does not belong to this model"),
+    # evaluate: a head of another width, or an export made for another task
+    "evaluate more labels than the head": (["evaluate", "{ws}/bert", "--task", "mnli"], "task needs 3"),
+    "evaluate fewer labels than the head": (["evaluate", "{ws}/bert", "--task", "stsb"], "task needs 1"),
+    "evaluate another task": (["evaluate", "{ws}/tagged", "--task", "mrpc"], "fine-tuned for sst2, not mrpc"),
+    "evaluate another task with more labels": (["evaluate", "{ws}/tagged", "--task", "mnli"],
+                                               "fine-tuned for sst2, not mnli"),
+    "evaluate a foreign tokenizer": (["evaluate", "{ws}/big_vocab", "--task", "sst2", "--max-length", "32"],
+                                     "does not belong"),
+    "evaluate max length": (["evaluate", "{ws}/tagged", "--task", "sst2", "--max-length", "1000"], "positions"),
 }
 
 
@@ -204,7 +288,9 @@ BAD_INPUT = {
 def test_bad_input_is_one_line_and_writes_nothing(ws, capsys, tmp_path, case):
     out = tmp_path / "out"
     command, message = BAD_INPUT[case]
-    args = [a.format(ws=ws) for a in command] + ["--out", out]
+    args = [a.format(ws=ws) for a in command]
+    if args[0] != "evaluate":
+        args += ["--out", out] if args[-1] != "--out" else []
     if args[0] == "importance":
         args += ["--samples", "8"]
     rc, _, err = cli(capsys, *args)
@@ -214,6 +300,78 @@ def test_bad_input_is_one_line_and_writes_nothing(ws, capsys, tmp_path, case):
     assert message in lines[0]
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary directory left either
+
+
+def test_help_describes_the_tool_and_version_names_the_libraries(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert description.startswith("Structured pruning and LoRA fine-tuning") and "argparse" not in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    version = capsys.readouterr().out.strip()
+    assert version.startswith(f"prunetune {prunetune.__version__} (torch {torch.__version__}, "
+                              f"transformers {transformers.__version__}, peft ")
+    assert len(version.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    epilog = capsys.readouterr().out.split("flags of one method only:")[1]
+    assert "lora        --lora-targets --rank\n" in epilog
+
+
+def test_evaluate_warns_about_an_untrained_head_and_an_unknown_task(ws, capsys, tmp_path):
+    """A `prune --task` output has a new head nobody trained; a stock checkpoint does not say what it is for."""
+    rc, _, err = cli(capsys, "prune", ws / "bert", "--task", "sst2", "--data", ws / "sst2.tsv", "--samples", "8",
+                     "--heads-keep", "0.5", "--out", tmp_path / "pruned")
+    assert rc == 0, err
+    record = json.loads((tmp_path / "pruned" / "config.json").read_text())["prunetune_task"]
+    assert record == {"name": "sst2", "labels": ["0", "1"], "trained": False}
+    for model, warning in ((tmp_path / "pruned", "was never trained"), (ws / "bert", "does not record its task")):
+        rc, text, err = cli(capsys, "evaluate", model, "--task", "sst2", "--data", ws / "sst2.tsv", "--max-length",
+                            "32")
+        assert rc == 0, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("prunetune: warning:") and warning in lines[0], err
+        assert set(json.loads(text)) == {"accuracy", "main"}
+    # an export recorded as fine-tuned for this task: no warning
+    rc, _, err = cli(capsys, "evaluate", ws / "tagged", "--task", "sst2", "--data", ws / "sst2.tsv", "--max-length",
+                     "32")
+    assert rc == 0 and err.strip() == ""
+    # pruning an export fine-tuned for its own task keeps its head's record
+    rc, _, err = cli(capsys, "prune", ws / "tagged", "--task", "sst2", "--data", ws / "sst2.tsv", "--samples", "8",
+                     "--heads-keep", "0.5", "--out", tmp_path / "again")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["prunetune_task"]["trained"] is True
+
+
+def test_evaluate_scores_a_single_file_whole(ws, capsys, tmp_path):
+    """A file that is not the run's training file is an evaluation set: every row of it is scored."""
+    rc, text, err = cli(capsys, "evaluate", ws / "tagged", "--task", "sst2", "--data", ws / "sst2.tsv",
+                        "--max-length", "32")
+    assert rc == 0, err
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(ws / "tagged").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(ws / "tagged")
+    rows = sentences(0)
+    with torch.no_grad():
+        pred = model(**tok([t for t, _ in rows], padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
+    assert json.loads(text)["accuracy"] == sum(p == label for p, (_, label) in zip(pred, rows, strict=True)) / 16
+
+
+def test_importance_is_seeded(ws, capsys, tmp_path):
+    """A backbone gets a new, random task head whose gradients decide the scores: --seed picks it."""
+    backbone = tmp_path / "backbone"
+    transformers.BertModel.from_pretrained(ws / "bert").save_pretrained(backbone)
+    transformers.AutoTokenizer.from_pretrained(ws / "bert").save_pretrained(backbone)
+    heads = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        rc, _, err = cli(capsys, "importance", backbone, "--task", "sst2", "--data", ws / "sst2.tsv", "--samples", "8",
+                         "--seed", seed, "--out", tmp_path / name)
+        assert rc == 0, err
+        heads[name] = json.loads((tmp_path / name / "importance_sst2.json").read_text())["heads"]
+        torch.manual_seed(len(heads))  # whatever the global generator holds before the next run
+    assert heads["a"] == heads["b"] != heads["c"]
 
 
 def test_existing_output_is_refused_and_kept(ws, capsys, tmp_path):

@@ -15,11 +15,14 @@ import torch
 
 from prunetune.data import (
     TASKS,
+    DataSource,
     bundled_data_dir,
     check_tokenizer,
     get_task,
     load_split,
+    load_task_rows,
     make_loader,
+    max_positions,
     tokenize,
 )
 from prunetune.errors import PrunetuneError
@@ -253,6 +256,81 @@ def test_limit_is_a_deterministic_seeded_subset(tmp_path: Path) -> None:
         load_split(task, "train", path, limit=0)
 
 
+# --- pairing training and dev rows -------------------------------------------------------------------------
+
+
+def _numbered(tmp_path: Path, n: int = 50) -> Path:
+    return write(tmp_path / "one.tsv", "sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(n)))
+
+
+def test_a_single_file_is_split_into_training_and_held_out_dev_rows(tmp_path: Path) -> None:
+    """One file for both used to be trained and scored on whole: the metric was training accuracy."""
+    path, task = _numbered(tmp_path), get_task("sst2")
+    train = load_task_rows(task, "train", str(path), seed=42)
+    dev = load_task_rows(task, "dev", str(path), seed=42)
+    assert len(dev.rows) == 5 and len(train.rows) == 45  # the default --dev-fraction 0.1
+    assert not set(train.rows) & set(dev.rows) and sorted(train.rows + dev.rows) == list(range(50))
+    assert not set(train.dataset["text_a"]) & set(dev.dataset["text_a"])
+    assert dev.dataset["text_a"] == [f"row {i}" for i in dev.rows]
+    assert train.held_out and dev.held_out and dev.describe()["rows"] == [i + 1 for i in dev.rows]
+    assert load_task_rows(task, "dev", str(path), seed=42).rows == dev.rows  # seeded
+    assert load_task_rows(task, "dev", str(path), seed=7).rows != dev.rows
+    wider = load_task_rows(task, "dev", DataSource(str(path), dev_fraction=0.3), seed=42)
+    assert len(wider.rows) == 15
+    # limits draw from their own side of the split, and do not move the split
+    some = load_task_rows(task, "train", str(path), limit=10, seed=42)
+    assert len(some.rows) == 10 and set(some.rows) <= set(train.rows)
+    assert set(load_task_rows(task, "dev", str(path), limit=3, seed=42).rows) <= set(dev.rows)
+
+
+def test_dev_data_is_used_whole_and_the_training_file_too(tmp_path: Path) -> None:
+    path, task = _numbered(tmp_path), get_task("sst2")
+    other = write(tmp_path / "other.tsv", "sentence\tlabel\nheld\t1\nout\t0\n")
+    source = DataSource(str(path), dev_path=str(other))
+    train = load_task_rows(task, "train", source, seed=42)
+    dev = load_task_rows(task, "dev", source, seed=42)
+    assert train.rows == list(range(50)) and not train.held_out and train.describe()["rows"] is None
+    assert dev.dataset["text_a"] == ["held", "out"] and dev.source == str(other)
+
+
+def test_instruction_records_hold_out_dev_rows_the_same_way(tmp_path: Path, tokenizer) -> None:
+    from prunetune.instruct import InstructTask
+
+    records = [{"instruction": f"say {i}", "output": str(i)} for i in range(30)]
+    path = write(tmp_path / "alpaca.jsonl", "\n".join(json.dumps(r) for r in records))
+    loaders = InstructTask().loaders(tokenizer, data=str(path), train_limit=None, eval_limit=None, samples=4,
+                                     max_length=32, batch_size=4, seed=42)
+    train, dev = loaders.data["train"]["rows"], loaders.data["dev"]["rows"]
+    assert len(dev) == 3 and not set(train) & set(dev) and sorted(train + dev) == list(range(1, 31))
+    assert len(loaders.dev.dataset) == 3 and len(loaders.train.dataset) == 27
+    # --eval-limit subsets the held-out rows; it no longer decides how many are held out
+    fewer = InstructTask().loaders(tokenizer, data=str(path), train_limit=None, eval_limit=2, samples=4,
+                                   max_length=32, batch_size=4, seed=42)
+    assert set(fewer.data["dev"]["rows"]) < set(dev) and fewer.data["train"]["rows"] == train
+
+
+def test_a_glue_directory_keeps_its_own_dev_file(tmp_path: Path) -> None:
+    folder = tmp_path / "sst2"
+    folder.mkdir()
+    write(folder / "train.tsv", "sentence\tlabel\na\t1\nb\t0\n")
+    write(folder / "dev.tsv", "sentence\tlabel\nc\t1\n")
+    task = get_task("sst2")
+    assert load_task_rows(task, "train", str(folder)).dataset["text_a"] == ["a", "b"]
+    dev = load_task_rows(task, "dev", str(folder))
+    assert dev.dataset["text_a"] == ["c"] and not dev.held_out
+
+
+def test_a_file_too_small_to_split_or_a_bad_fraction_is_refused(tmp_path: Path) -> None:
+    task = get_task("sst2")
+    single = write(tmp_path / "single.tsv", "sentence\tlabel\nalone\t1\n")
+    with pytest.raises(PrunetuneError, match="--dev-data"):
+        load_task_rows(task, "train", str(single))
+    two = write(tmp_path / "two.tsv", "sentence\tlabel\na\t1\nb\t0\n")
+    assert len(load_task_rows(task, "dev", DataSource(str(two), dev_fraction=0.9)).rows) == 1  # one left to train
+    with pytest.raises(PrunetuneError, match="dev-fraction"):
+        load_task_rows(task, "dev", DataSource(str(two), dev_fraction=1.0))
+
+
 # --- tokenizing and batching -------------------------------------------------------------------------------
 
 
@@ -305,9 +383,44 @@ def test_regression_labels_are_float(tmp_path: Path, tokenizer) -> None:
 
 def test_check_tokenizer(tokenizer) -> None:
     check_tokenizer(tokenizer, SimpleNamespace(vocab_size=len(tokenizer)))
-    check_tokenizer(tokenizer, SimpleNamespace(vocab_size=len(tokenizer) + 64))
+    check_tokenizer(tokenizer, SimpleNamespace(vocab_size=len(tokenizer) + 64))  # a padded embedding table
     with pytest.raises(PrunetuneError, match="does not belong to this model"):
-        check_tokenizer(tokenizer, SimpleNamespace(vocab_size=1000))
+        check_tokenizer(tokenizer, SimpleNamespace(vocab_size=1000))  # ids past the table
+    with pytest.raises(PrunetuneError, match="does not belong to this model"):  # another, smaller model's
+        check_tokenizer(tokenizer, SimpleNamespace(vocab_size=2 * len(tokenizer)))
+
+
+def test_check_tokenizer_reads_a_models_embedding_rows(tokenizer) -> None:
+    """A model's table decides what ids fit, whatever its config says."""
+    config = SimpleNamespace(vocab_size=len(tokenizer))
+    fits = torch.nn.Embedding(len(tokenizer), 2)
+    model = SimpleNamespace(config=config, get_input_embeddings=lambda: fits)
+    check_tokenizer(tokenizer, model)
+    short = torch.nn.Embedding(len(tokenizer) - 1, 2)
+    with pytest.raises(PrunetuneError, match=f"vocabulary has {len(tokenizer) - 1}"):
+        check_tokenizer(tokenizer, SimpleNamespace(config=config, get_input_embeddings=lambda: short))
+
+
+def test_check_tokenizer_refuses_special_tokens_past_the_table(tmp_path: Path) -> None:
+    """Special tokens added after the vocabulary get the highest ids: one past the table is caught by name."""
+    import transformers
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]))
+    tok = transformers.BertTokenizerFast.from_pretrained(tmp_path)
+    check_tokenizer(tok, SimpleNamespace(vocab_size=len(tok)))
+    tok.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    with pytest.raises(PrunetuneError, match="special token <extra> has id 8"):
+        check_tokenizer(tok, SimpleNamespace(vocab_size=8))
+
+
+def test_max_positions_per_family() -> None:
+    import transformers
+
+    assert max_positions(transformers.BertConfig()) == 512
+    # RoBERTa's positions start after its padding index: 514 rows, 512 usable
+    assert max_positions(transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert max_positions(transformers.LlamaConfig(max_position_embeddings=2048)) == 2048
+    assert max_positions(transformers.T5Config()) is None  # relative positions: no limit
 
 
 # --- metrics -----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -14,7 +15,7 @@ import transformers
 from conftest import tiny_config
 from engine_helpers import max_diff, word_tokenizer
 
-from prunetune import adapters, recipes
+from prunetune import adapters, recipes, train
 from prunetune.cli import main
 from prunetune.errors import PrunetuneError
 from prunetune.export import MARKER
@@ -28,18 +29,12 @@ POSITIVE = {"good", "great", "fun"}
 METHOD_ARGS = {
     "full": [],
     "lora": [],
-    "prune-lora": ["--heads-keep", "0.5"],
-    "lora-prune": ["--keep-params", "0.5"],
+    "prune-lora": ["--heads-keep", "0.5", "--samples", "16"],
+    "lora-prune": ["--keep-params", "0.5", "--samples", "16"],
     "apt": ["--keep-params", "0.5", "--distill", "--eval-every", "2"],  # evaluations give the teacher
 }
 LORA_METHODS = ("lora", "prune-lora", "lora-prune", "apt")
 
-# An attention block that lost every head keeps its output projection with zero inputs, so its adapter's lora_A
-# is (r, 0): PEFT warns about it on save (it suspects unsharded ZeRO-3 tensors) and torch on re-initialising it.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape"),
-    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
-]
 REAL_BENCH = "lora"  # the one run that pays for the fresh-process inference measurement (~5 s)
 
 
@@ -77,8 +72,7 @@ def ws(tmp_path_factory) -> Path:
 
 
 def common(ws: Path) -> list[str]:
-    return ["--task", "sst2", "--data", str(ws / "sst2"), "--batch-size", "16", "--samples", "16", "--max-length",
-            "16"]
+    return ["--task", "sst2", "--data", str(ws / "sst2"), "--batch-size", "16", "--max-length", "16"]
 
 
 def run_cli(args) -> tuple[int, str, str]:
@@ -132,7 +126,20 @@ def test_method_writes_a_complete_run(runs, method):
     assert all(math.isfinite(e["loss"]) for e in lines)
     md = (out / "report.md").read_text()
     assert md.startswith(f"# prunetune {method} on sst2") and f"{report['metrics']['main']:.4f}" in md
-    assert stdout.strip() == report["summary"]
+    # the settings as they ran: the method's default rate, fp32 on a CPU, nothing the method does not read
+    assert report["config"]["lr"] == recipes.DEFAULT_LR[method]
+    assert report["precision"] == {"requested": "auto", "used": "fp32", "device": "cpu"}
+    assert set(report["config"]) == recipes.COMMON_OPTIONS | recipes.METHOD_OPTIONS[method] - {"extra"}
+    record = json.loads((out / "model" / "config.json").read_text())["prunetune_task"]
+    assert record == {"name": "sst2", "labels": ["0", "1"], "trained": True}
+    first, *where = stdout.strip().splitlines()
+    assert first == report["summary"]
+    # then where everything went, each path printed existing
+    shown = {line.split(":", 1)[0]: line.split(":", 1)[1].split(" (")[0].strip() for line in where}
+    assert set(shown) == {"model", "report", "data"} | ({"adapter"} if method in LORA_METHODS else set())
+    for paths in shown.values():
+        assert all(Path(p.strip()).exists() for p in paths.split(","))
+    assert shown["model"] == str(out / "model") == report["outputs"]["model"]
     inference = report["inference"]
     assert inference["dev_examples"] == 32
     if method == REAL_BENCH:
@@ -236,7 +243,8 @@ def test_existing_output_is_refused(ws, tmp_path):
                                  ["--keep-params", "1.5"], ["--epochs", "0"], ["--keep-flops", "1.5"],
                                  ["--keep-params", "0.5", "--keep-flops", "0.5"], ["--seq-len", "0"]])
 def test_bad_values_are_rejected(ws, tmp_path, bad):
-    method = "apt" if "--keep-params" in bad else "prune-lora" if "--heads-keep" in bad else "lora"
+    budgeted = {"--keep-params", "--keep-flops"} & set(bad)
+    method = "apt" if budgeted else "prune-lora" if "--heads-keep" in bad else "lora"
     rc, _, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", method, "--out", tmp_path / "out", *bad])
     assert rc == 2
     lines = error_lines(err)
@@ -277,6 +285,131 @@ def test_a_run_is_reproducible_from_a_backbone_without_a_head(ws, tmp_path, monk
     assert reports[0]["metrics"] == reports[1]["metrics"] and reports[0]["timeline"] == reports[1]["timeline"]
     a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def no_bench(monkeypatch) -> None:
+    monkeypatch.setattr(recipes, "_isolated_inference", lambda task, model_dir, cfg: {
+        "batch32_latency_s": 0.0, "batch32_peak_mem_mb": 0.0, "batch32_seq_len": cfg.max_length})
+
+
+def test_a_single_data_file_is_split_and_the_run_says_which_rows(ws, tmp_path, monkeypatch):
+    """One --data file was trained on and scored whole: the metric was training accuracy."""
+    no_bench(monkeypatch)
+    train.set_progress(True)  # the tests run quietly; this one checks what a user sees
+    try:
+        data = ws / "sst2" / "train.tsv"  # 64 rows
+        out = tmp_path / "out"
+        rc, _, err = run_cli(["finetune", ws / "bert", "--task", "sst2", "--data", data, "--batch-size", "16",
+                              "--max-length", "16", "--samples", "16", "--heads-keep", "0.5", "--out", out])
+    finally:
+        train.set_progress(False)
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    split = json.loads((out / "data_split.json").read_text())
+    train_rows, dev_rows = split["train"]["rows"], split["dev"]["rows"]
+    assert len(dev_rows) == 6 and len(train_rows) == 58  # a tenth held out (rounded), by --seed 42
+    assert not set(train_rows) & set(dev_rows) and sorted(train_rows + dev_rows) == list(range(1, 65))
+    assert split["held_out"] == {"file": str(data.resolve()), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                                 "dev_fraction": 0.1, "seed": 42}
+    assert report["data"]["dev"]["examples"] == report["inference"]["dev_examples"] == 6
+    assert "held out" in (out / "report.md").read_text()
+    # every stage shows itself on stderr, the held-out split first
+    stages = [line for line in err.splitlines() if line.startswith("prunetune: ")]
+    assert stages[0].startswith(f"prunetune: data: train on 58 of 64 rows of {data}; evaluate on 6 of 64 rows")
+    assert "no training row is evaluated" in stages[0]
+    for shown in ("importance (head_grad): 100%", "train: 100%", "evaluate: ", "prunetune: exporting to",
+                  "prunetune: evaluating the exported model", "prunetune: measuring inference in a fresh process"):
+        assert shown in err, shown
+    # the export knows its rows: evaluating it on its training file scores only the held-out ones
+    record = json.loads((out / "model" / "config.json").read_text())["prunetune_task"]
+    assert record["held_out"] == split["held_out"] and record["trained"] is True
+    copy = tmp_path / "copied.tsv"  # recognised by its bytes, too
+    copy.write_bytes(data.read_bytes())
+    for path in (data, copy):
+        rc, text, err = run_cli(["evaluate", out / "model", "--task", "sst2", "--data", path, "--max-length", "16"])
+        assert rc == 0, err
+        assert json.loads(text) == report["metrics"]
+    rows = data.read_text().splitlines()[1:]
+    held = tmp_path / "held.tsv"
+    held.write_text("sentence\tlabel\n" + "".join(rows[i - 1] + "\n" for i in dev_rows))
+    rc, text, err = run_cli(["evaluate", out / "model", "--task", "sst2", "--data", held, "--max-length", "16"])
+    assert rc == 0, err
+    assert json.loads(text) == report["metrics"]  # the same rows, given as a file of their own
+
+
+def test_dev_data_gives_the_dev_rows(ws, tmp_path, monkeypatch):
+    no_bench(monkeypatch)
+    rc, _, err = run_cli(["finetune", ws / "bert", "--task", "sst2", "--data", ws / "sst2" / "train.tsv",
+                          "--dev-data", ws / "sst2" / "dev.tsv", "--method", "lora", "--batch-size", "16",
+                          "--max-length", "16", "--out", tmp_path / "out"])
+    assert rc == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["data"]["train"]["examples"], report["data"]["dev"]["examples"]) == (64, 32)
+    assert "held_out" not in report["data"] and not report["data"]["dev"]["held_out"]
+    assert report["data"]["dev"]["source"] == str(ws / "sst2" / "dev.tsv")
+
+
+def test_finetuning_a_pruned_model_reports_against_the_dense_original(ws, tmp_path, monkeypatch):
+    """A lora run on a `prune` output keeps what it was given: not "100% of layer params"."""
+    no_bench(monkeypatch)
+    rc, stdout, err = run_cli(["prune", ws / "bert", "--heads-keep", "0.5", "--neurons-keep", "0.5",
+                               "--out", tmp_path / "pruned"])
+    assert rc == 0, err
+    pruned = json.loads(stdout)
+    rc, _, err = run_cli(["finetune", tmp_path / "pruned", *common(ws), "--method", "lora", "--out",
+                          tmp_path / "out"])
+    assert rc == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["layer_params_kept"] == pytest.approx(pruned["layer_params_kept"])
+    assert report["layer_params_kept"] < 0.6
+    assert report["input_layer_params_kept"] == report["layer_params_kept"]
+    assert report["params_dense"] == pruned["params_before"]
+    assert (report["heads"], report["neurons"]) == ("6/12", "192/384")
+    assert report["layer_flops_kept"] < 0.6
+    assert f"({report['layer_params_kept']:.0%} of layer params)" in report["summary"]
+
+
+def test_importance_equals_the_scores_finetune_computes(ws, tmp_path, monkeypatch):
+    """`prunetune importance` and prune-lora's own scoring: same seed, same sample, same new head, same scores."""
+    no_bench(monkeypatch)
+    backbone = tmp_path / "backbone"
+    transformers.BertModel.from_pretrained(ws / "bert").save_pretrained(backbone)
+    transformers.AutoTokenizer.from_pretrained(ws / "bert").save_pretrained(backbone)
+    rc, _, err = run_cli(["finetune", backbone, *common(ws), "--samples", "16", "--train-limit", "16",
+                          "--out", tmp_path / "run"])
+    assert rc == 0, err
+    rc, _, err = run_cli(["importance", backbone, "--task", "sst2", "--data", ws / "sst2", "--samples", "16",
+                          "--max-length", "16", "--out", tmp_path / "imp"])
+    assert rc == 0, err
+    inside = json.loads((tmp_path / "run" / "importance.json").read_text())
+    alone = json.loads((tmp_path / "imp" / "importance_sst2.json").read_text())
+    assert inside["heads"] == alone["heads"] and inside["neurons"] == alone["neurons"]
+    rc, _, err = run_cli(["importance", backbone, "--task", "sst2", "--data", ws / "sst2", "--samples", "16",
+                          "--max-length", "16", "--seed", "7", "--out", tmp_path / "other"])
+    assert rc == 0, err
+    assert json.loads((tmp_path / "other" / "importance_sst2.json").read_text())["heads"] != alone["heads"]
+
+
+def test_runs_that_empty_a_block_raise_no_library_warnings(ws, tmp_path, monkeypatch):
+    """PEFT's deprecated-alias FutureWarning came with every LoRA run, its DeepSpeed/FSDP warning with every save
+    of an adapter on an emptied block, torch's zero-element one with every reload of it."""
+    import warnings
+
+    no_bench(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, _, err = run_cli(["finetune", ws / "bert", *common(ws), "--method", "apt", "--keep-params", "0.2",
+                              "--out", tmp_path / "out"])
+        assert rc == 0, err
+        layout = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["prunetune_layout"]
+        assert [] in layout["heads"].values()  # a block lost every head: its adapter has a zero-width lora_A
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(ws / "bert")
+        restore_layout(base, PruningPlan.from_dict(layout))
+        adapters.load_adapter(base, tmp_path / "out" / "adapter")
+    noise = [str(w.message) for w in caught
+             if "is_gradient_checkpointing" in str(w.message) or "invalid shape" in str(w.message)
+             or "zero-element" in str(w.message)]
+    assert noise == []
 
 
 class _Stop(TrainHook):

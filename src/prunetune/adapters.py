@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +22,29 @@ from prunetune.errors import PrunetuneError
 from prunetune.families import all_norms, base_model, layer_sites, out_width, unwrap
 
 ADAPTER = "default"
+
+
+@contextmanager
+def quiet_peft(model: nn.Module | None = None):
+    """Silence the warnings PEFT causes that are noise here, and only those.
+
+    - PeftModel's constructor reads ``model.is_gradient_checkpointing``, an alias transformers 5 deprecated
+      (a FutureWarning on every LoRA run that no caller can act on; PEFT must move to
+      ``is_activation_checkpointing``).
+    - Saving warns that zero-sized lora_A/lora_B tensors mean unsharded DeepSpeed ZeRO-3 / FSDP weights. Here
+      they are adapters on an attention block or FFN that pruning emptied (APT, lora-prune): prunetune does
+      not shard, so when every LoRA tensor is 2-D (a shard flattened by ZeRO-3 would be 1-D) the warning is
+      wrong and is dropped; otherwise it is let through.
+    - Loading such an adapter, PEFT initialises the (r, 0) lora_A of an emptied projection and torch warns that
+      initialising a zero-element tensor does nothing, which is exactly right there.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"Initializing zero-element tensors is a no-op")
+        lora = [p for n, p in model.named_parameters() if "lora_" in n] if model is not None else []
+        if lora and all(p.dim() == 2 for p in lora):
+            warnings.filterwarnings("ignore", message=r"Adapter .* LoRA tensor\(s\) have invalid shape")
+        yield
 
 
 # attention: q/k/v/o (LoRA, Pruning-Adapter). ffn-in: also the FFN's input projection(s). all: also its output
@@ -99,7 +124,8 @@ def apply_lora(
         alpha_pattern=alpha_pattern,
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
+    with quiet_peft():
+        peft_model = get_peft_model(model, config)
     set_trainable(peft_model, norms=train_norms, head=train_head, lora=True)
     return peft_model
 
@@ -263,7 +289,8 @@ def save_adapter(model: nn.Module, out: Path, *, base_model: str | None = None) 
 
     out = Path(out)
     _record_grown_ranks(model)
-    model.save_pretrained(out)
+    with quiet_peft(model):
+        model.save_pretrained(out)
     layout = current_layout(model)
     record = {
         "shapes": shape_fingerprint(model),
@@ -359,4 +386,5 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path):
         with torch.no_grad():
             for n, v in load_file(str(trained)).items():
                 params[n].copy_(v.to(params[n].device, params[n].dtype))
-    return PeftModel.from_pretrained(base, adapter_dir)
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, adapter_dir)

@@ -1,62 +1,190 @@
-"""The ``prunetune`` command: a thin argparse layer mapping each subcommand to one typed function."""
+"""The ``prunetune`` command: a thin argparse layer mapping each subcommand to one typed function.
+
+Flags default to None ("not given"): the defaults live in one place, the function or dataclass a command
+calls (FinetuneConfig for finetune), so a flag a command or method would not use can be refused, not ignored.
+Every user error, argparse's own included, is one ``prunetune: error: ...`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import sys
+import warnings
 
-from prunetune.errors import PrunetuneError
+from prunetune.errors import PrunetuneError, PrunetuneWarning
 
 # The hub is unreachable on most machines this runs on; fail fast instead of retrying for half a minute.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+DESCRIPTION = (
+    "Structured pruning and LoRA fine-tuning for Hugging Face transformers (BERT, RoBERTa, T5, "
+    "LLaMA/Mistral/Qwen2): score attention heads and FFN neurons on task data, remove them for real, "
+    "fine-tune, and export compact models that reload with the stock Auto classes."
+)
+EPILOG = "Quick start: prunetune finetune --task sst2 --method prune-lora --out runs/quickstart"
+
+BUDGET_FIELDS = ("keep_params", "keep_flops", "seq_len", "heads_keep", "neurons_keep", "hidden_keep", "gqa", "round_to")
+# Flags a command reads only together with another one: (command, flag) -> the flag it needs.
+NEEDS: dict[tuple[str, str], str] = {
+    ("prune", "data"): "task",  # task data is only read to score importance for the task
+    ("prune", "samples"): "task",
+    ("prune", "scorer"): "task",  # without --task, prune scores by weight magnitude
+}
+# Values of a flag that need nothing else (the data-free scorer).
+NEEDS_NOTHING: dict[str, tuple[str, ...]] = {"scorer": ("magnitude",)}
+# Flags that make others meaningless: (command, flag) -> the flags it replaces.
+REPLACES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("prune", "plan"): (*BUDGET_FIELDS, "scorer", "samples", "data"),  # a plan file says what to keep
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error of the command."""
+
+    def error(self, message: str):
+        raise PrunetuneError(f"{message} (see `{self.prog} --help`)")
+
+
+class _Version(argparse.Action):
+    """--version: the versions that decide a run's numbers, on one line (argparse's own action wraps it)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from prunetune import __version__
+
+    libs = []
+    for name in ("torch", "transformers", "peft"):
+        try:
+            libs.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            libs.append(f"{name} not installed")
+    return f"prunetune {__version__} ({', '.join(libs)}; python {platform.python_version()})"
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The named flags the user set (the called function's defaults stand for the others)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def _budget(args):
     from prunetune.plan import Budget
 
-    fields = ("keep_params", "keep_flops", "heads_keep", "neurons_keep", "hidden_keep")
-    if all(getattr(args, f, None) is None for f in fields):
+    given = _given(args, *BUDGET_FIELDS)
+    if not set(given) - {"seq_len", "gqa", "round_to"}:
         return None
-    return Budget(
-        keep_params=args.keep_params, keep_flops=args.keep_flops, seq_len=args.seq_len, heads_keep=args.heads_keep,
-        neurons_keep=args.neurons_keep, hidden_keep=args.hidden_keep, gqa=args.gqa, round_to=args.round_to,
-    )
+    return Budget(**given)
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget (fractions in (0, 1]; heads/neurons may also be counts)")
     g.add_argument("--keep-params", type=float, help="fraction of the prunable layer parameters to keep")
     g.add_argument("--keep-flops", type=float, help="fraction of the layers' FLOPs (at --seq-len) to keep")
-    g.add_argument("--seq-len", type=int, default=128, help="sequence length for --keep-flops")
+    g.add_argument("--seq-len", type=int, help="sequence length for --keep-flops (default 128)")
     g.add_argument("--heads-keep", type=float, help="fraction (or count) of attention heads to keep")
     g.add_argument("--neurons-keep", type=float, help="fraction (or count) of FFN neurons to keep")
     g.add_argument("--hidden-keep", type=float, help="fraction of hidden dims to keep")
-    g.add_argument("--gqa", choices=["per_group", "whole_group"], default="per_group",
-                   help="grouped-query attention: equal query heads per KV group, or whole KV groups")
-    g.add_argument("--round-to", type=int, default=1, help="keep FFN widths in multiples of this")
+    g.add_argument("--gqa", choices=["per_group", "whole_group"],
+                   help="grouped-query attention: equal query heads per KV group (default), or whole KV groups")
+    g.add_argument("--round-to", type=int, help="keep FFN widths in multiples of this (default 1)")
 
 
 def _add_data(p: argparse.ArgumentParser, multi: bool = False) -> None:
     action = "append" if multi else "store"
     p.add_argument("--task", action=action, help="GLUE task: sst2 cola mrpc qqp stsb mnli qnli rte wnli")
-    p.add_argument("--data", action=action, help="GLUE-format directory or CSV/TSV/JSONL file")
-    p.add_argument("--samples", type=int, default=512, help="examples used for importance (default 512)")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--data", action=action,
+                   help="GLUE-format directory or CSV/TSV/JSONL file (a single file: the sample comes from the "
+                        "rows finetune trains on, not those it holds out)")
+    p.add_argument("--samples", type=int, help="examples used for importance (default 512)")
+    p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
+    p.add_argument("--seed", type=int, help="picks the sample and seeds a new task head (default 42, as finetune)")
+
+
+def _add_finetune(sub) -> None:
+    from prunetune.recipes import DEFAULT_LR, METHOD_OPTIONS, METHODS, FinetuneConfig
+
+    d = FinetuneConfig.__dataclass_fields__  # the defaults shown in --help are the dataclass's
+
+    def default(name: str) -> str:
+        return f"(default {d[name].default})"
+
+    p = sub.add_parser("finetune", help="fine-tune (full, lora, prune-lora, lora-prune, apt) and export",
+                       description="Fine-tune a model on a task with one method and export the compact result, "
+                                   "its adapter and a report. Each method refuses the flags it does not use.",
+                       epilog="flags of one method only:\n" + "\n".join(
+                           f"  {m:<11} {' '.join(_flag(o) for o in sorted(opts) if o != 'extra') or '(none)'}"
+                           for m, opts in METHOD_OPTIONS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="model directory, hub id, or nothing for the embedded MiniLM")
+    p.add_argument("--task", help="GLUE task (sst2 cola mrpc qqp stsb mnli qnli rte wnli) or instruct")
+    p.add_argument("--data", help="GLUE-format directory (train and dev files), or one CSV/TSV/JSONL file, split "
+                                  "into training rows and seeded held-out dev rows (see --dev-fraction)")
+    p.add_argument("--dev-data", help="dev rows from this file (used whole) or GLUE directory instead")
+    p.add_argument("--dev-fraction", type=float,
+                   help=f"a single --data file: the share held out as dev rows, by --seed {default('dev_fraction')}")
+    p.add_argument("--samples", type=int, help=f"examples importance is scored on {default('samples')}")
+    p.add_argument("--max-length", type=int, help=f"tokens per example {default('max_length')}")
+    p.add_argument("--method", choices=METHODS, help=f"{default('method')}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--epochs", type=float, help=default("epochs"))
+    p.add_argument("--lr", type=float, help="learning rate (default per method: "
+                                            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--batch-size", type=int, help=default("batch_size"))
+    p.add_argument("--grad-accum", type=int, help=default("grad_accum"))
+    p.add_argument("--seed", type=int, help=default("seed"))
+    p.add_argument("--train-limit", type=int, help="train on a seeded subset of this many examples")
+    p.add_argument("--eval-limit", type=int, help="evaluate on a seeded subset of this many examples")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
+    p.add_argument("--rank", type=int, help=f"lora, lora-prune: LoRA rank; apt: starting rank {default('rank')}")
+    p.add_argument("--lora-targets", choices=["attention", "ffn-in", "all"],
+                   help="linears with adapters: q/k/v/o; also the FFN's input projection(s); or all of the FFN's "
+                        "(default: all for apt, else attention)")
+    p.add_argument("--rank-high", type=int, help=f"prune-lora: rank of the top blocks {default('rank_high')}")
+    p.add_argument("--rank-low", type=int, help=f"prune-lora: rank of the other blocks {default('rank_low')}")
+    p.add_argument("--top-blocks", type=int,
+                   help="prune-lora: blocks given --rank-high (default a third of them: 4 of BERT-base's 12)")
+    p.add_argument("--heads-keep", type=float, help="prune-lora: fraction (or count) of heads kept (default 100/144)")
+    p.add_argument("--neurons-keep", type=float, help="prune-lora: fraction (or count) of FFN neurons kept")
+    p.add_argument("--keep-params", type=float,
+                   help="lora-prune/apt: fraction of the prunable layer parameters to keep (default 0.4)")
+    p.add_argument("--keep-flops", type=float,
+                   help="lora-prune/apt: or the fraction of the layers' FLOPs per token to keep, at --seq-len")
+    p.add_argument("--seq-len", type=int, help="the sequence length FLOPs are stated at (default --max-length)")
+    p.add_argument("--recovery-epochs", type=float,
+                   help=f"lora-prune: LoRA recovery after pruning, in epochs {default('recovery_epochs')}")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast on GPUs (default auto: bf16 where supported); CPUs run fp32")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="apt: self-distillation from the best evaluation so far (needs --eval-every)")
+    p.add_argument("--prune-before-training", action="store_true", default=None,
+                   help="apt: prune once on a calibration sample, then tune")
+    p.add_argument("--scorer", help="apt --prune-before-training: scorer (default salience_kurtosis)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunetune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="prunetune", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action=_Version, help="prunetune, torch, transformers and peft versions")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("importance", help="score heads and FFN neurons on task data; heat map")
     p.add_argument("model", nargs="?", help="model directory, hub id, or nothing for the embedded default")
     _add_data(p, multi=True)
-    p.add_argument("--scorer", default="head_grad")
-    p.add_argument("--hidden", action="store_true", help="also score hidden dims")
+    p.add_argument("--scorer", help="importance scorer (default head_grad)")
+    p.add_argument("--hidden", action="store_true", default=None, help="also score hidden dims")
     p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", default=None)
 
     p = sub.add_parser("prune", help="remove heads / neurons / hidden dims for real and export the compact model")
     p.add_argument("model", nargs="?")
@@ -65,61 +193,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--scorer", help="importance scorer (default head_grad with --task, magnitude without)")
     p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", default=None)
 
     p = sub.add_parser("info", help="parameters, heads, KV heads, FFN width and hidden size per layer")
     p.add_argument("model", nargs="?")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("finetune", help="fine-tune (full, lora, prune-lora, lora-prune, apt) and export")
-    p.add_argument("model", nargs="?")
-    _add_data(p)
-    p.add_argument("--method", default="prune-lora",
-                   choices=["full", "lora", "prune-lora", "lora-prune", "apt"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--train-limit", type=int, help="train on a seeded subset of this many examples")
-    p.add_argument("--eval-limit", type=int, help="evaluate on a seeded subset of this many examples")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: every epoch)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (lora) / starting rank (apt)")
-    p.add_argument("--lora-targets", choices=["attention", "ffn-in", "all"],
-                   help="linears with adapters: q/k/v/o; also the FFN's input projection(s); or all of the FFN's "
-                        "(default: all for apt, else attention)")
-    p.add_argument("--rank-high", type=int, default=8)
-    p.add_argument("--rank-low", type=int, default=4)
-    p.add_argument("--top-blocks", type=int, default=None,
-                   help="prune-lora: blocks given --rank-high (default a third of them: 4 of BERT-base's 12)")
-    p.add_argument("--heads-keep", type=float, default=None)
-    p.add_argument("--neurons-keep", type=float, default=None)
-    p.add_argument("--keep-params", type=float, default=None,
-                   help="lora-prune/apt: fraction of the prunable layer parameters to keep (default 0.4)")
-    p.add_argument("--keep-flops", type=float, default=None,
-                   help="lora-prune/apt: or the fraction of the layers' FLOPs per token to keep, at --seq-len")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="the sequence length --keep-flops is stated at (default --max-length)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
-                   help="apt: self-distillation from the best evaluation so far (needs --eval-every)")
-    p.add_argument("--prune-before-training", action="store_true")
-    p.add_argument("--scorer", help="apt --prune-before-training: scorer (default salience_kurtosis)")
+    _add_finetune(sub)
 
     p = sub.add_parser("evaluate", help="re-score an exported model on a task")
     p.add_argument("model")
     p.add_argument("--task", required=True)
-    p.add_argument("--data")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data", help="GLUE-format directory (its dev file), or a file scored whole (the file a "
+                                  "run trained on: only the rows it held out)")
+    p.add_argument("--max-length", type=int, help="(default 128)")
+    p.add_argument("--batch-size", type=int, help="(default 64)")
     p.add_argument("--eval-limit", type=int)
-    p.add_argument("--seed", type=int, default=42, help="the run's seed (picks the same --eval-limit subset)")
+    p.add_argument("--seed", type=int, help="the run's seed (picks the same --eval-limit subset; default 42)")
     return parser
 
 
-def _print(obj: dict, as_json: bool = True) -> None:
+def _print(obj: dict) -> None:
     print(json.dumps(obj, indent=1))
 
 
@@ -136,19 +230,52 @@ def _info_table(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse numbers out of range and flags that the other flags given make meaningless."""
+    from prunetune.recipes import check_numbers
+
+    values = vars(args)
+    check_numbers(values)
+    for (command, name), needed in NEEDS.items():
+        value = values.get(name)
+        if (args.command == command and value is not None and value not in NEEDS_NOTHING.get(name, ())
+                and values.get(needed) is None):
+            raise PrunetuneError(f"{_flag(name)} needs {_flag(needed)}")
+    for (command, name), replaced in REPLACES.items():
+        if args.command == command and values.get(name) is not None:
+            clash = [_flag(r) for r in replaced if values.get(r) is not None]
+            if clash:
+                raise PrunetuneError(f"{_flag(name)} says what to keep: {', '.join(clash)} would be ignored")
+
+
+def _outputs(report: dict) -> str:
+    out = report["outputs"]
+    lines = [f"model:   {out['model']}"]
+    if "adapter" in out:
+        lines.append(f"adapter: {out['adapter']}")
+    lines.append(f"report:  {', '.join(out['report'])}")
+    lines.append(f"data:    {out['data_split']} (which rows trained, which were scored)")
+    return "\n".join(lines)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_flags(args)
     from prunetune import pipeline
 
     if args.command == "importance":
         _print(pipeline.run_importance(
-            args.model, args.task or [], args.out, data=args.data, samples=args.samples, scorer=args.scorer,
-            max_length=args.max_length, hidden=args.hidden, overwrite=args.overwrite,
+            args.model, args.task or [], args.out, data=args.data,
+            **_given(args, "samples", "scorer", "max_length", "hidden", "overwrite", "seed"),
         ))
     elif args.command == "prune":
         report = pipeline.run_prune(
             args.model, args.out, plan=args.plan, budget=_budget(args), task=args.task, data=args.data,
-            samples=args.samples, scorer=args.scorer, max_length=args.max_length, overwrite=args.overwrite,
+            **_given(args, "samples", "scorer", "max_length", "overwrite", "seed"),
         )
         for note in report["notes"]:
             print(f"note: {note}", file=sys.stderr)
@@ -159,19 +286,33 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "finetune":
         from prunetune.recipes import FinetuneConfig, finetune
 
-        cfg = FinetuneConfig.from_args(args)
-        report = finetune(cfg)
+        report = finetune(FinetuneConfig.from_args(args))
         print(report["summary"])
+        print(_outputs(report))
     elif args.command == "evaluate":
         from prunetune.recipes import evaluate_export
 
-        _print(evaluate_export(args.model, args.task, data=args.data, max_length=args.max_length,
-                               batch_size=args.batch_size, eval_limit=args.eval_limit, seed=args.seed))
+        _print(evaluate_export(args.model, args.task, data=args.data,
+                               **_given(args, "max_length", "batch_size", "eval_limit", "seed")))
     return 0
+
+
+def _one_line_warnings(show):
+    """prunetune's own warnings as one line on stderr; every other warning as `show` shows it."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, PrunetuneWarning):
+            print(f"prunetune: warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(previous)
     try:
         return run(argv)
     except PrunetuneError as e:
@@ -180,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunetune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

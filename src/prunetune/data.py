@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -199,13 +200,121 @@ def load_split(
     text_columns: tuple[str, ...] | None = None,
     label_column: str | None = None,
 ) -> datasets.Dataset:
-    """Load one split as a Dataset with columns text_a, (text_b,) label."""
+    """Load one split as a Dataset with columns text_a, (text_b,) label.
+
+    `data` names where that split is: a file holding exactly that split, or a GLUE-format directory. Pairing
+    a training set with a dev set (and holding dev rows out of a single file) is `load_task_rows`'s job.
+    """
     split = _canonical_split(task, split)
     if text_columns is not None and len(text_columns) != len(task.text_columns):
         raise PrunetuneError(
             f"task {task.name} takes {len(task.text_columns)} text column(s), got {len(text_columns)}: "
             f"{', '.join(text_columns)}"
         )
+    ds, _ = _load_whole(task, split, data, text_columns, label_column)
+    return _take_subset(ds, limit, seed)
+
+
+DEFAULT_DEV_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a task's training and dev rows come from (the CLI's --data, --dev-data and --dev-fraction).
+
+    - `path` a GLUE-format directory: its train and dev files.
+    - `path` a single file and no `dev_path`: the file is split into training rows and a seeded, held-out
+      `dev_fraction` of dev rows, so a run never scores its model on rows it trained on.
+    - `dev_path` given: the dev rows come from it (a file is used whole; a directory gives its dev file).
+    - nothing: the sample bundled with prunetune, else the Hugging Face hub.
+    """
+
+    path: str | None = None
+    dev_path: str | None = None
+    dev_fraction: float = DEFAULT_DEV_FRACTION
+
+    @classmethod
+    def of(cls, data: str | Path | DataSource | None) -> DataSource:
+        """A DataSource for what the tasks accept as `data`: a source, a path, or None."""
+        if isinstance(data, DataSource):
+            return data
+        return cls(path=None if data is None else str(data))
+
+    @property
+    def held_out(self) -> bool:
+        """Whether dev rows are held out of the single training file."""
+        return self.path is not None and self.dev_path is None and Path(self.path).is_file()
+
+    def location(self, split: str) -> str | None:
+        """The path a split is read from (None: bundled sample or hub)."""
+        return self.dev_path if split != "train" and self.dev_path is not None else self.path
+
+
+@dataclass
+class SplitRows:
+    """A loaded split and which rows of its source it took (0-based, in the source's order)."""
+
+    dataset: Any  # a datasets.Dataset (GLUE), or a list of records (instruction data)
+    source: str  # the file, or the hub split, the rows were read from
+    rows: list[int]
+    total: int  # examples in the source
+    held_out: bool = False  # the dev rows held out of a single file, or the training rows left after that
+
+    def describe(self) -> dict[str, Any]:
+        """For reports: the source, how many of its rows, and their 1-based numbers when not all were used."""
+        every = len(self.rows) == self.total
+        return {
+            "source": self.source,
+            "examples": len(self.rows),
+            "of": self.total,
+            "held_out": self.held_out,
+            # 1 = the file's first example (after any header line)
+            "rows": None if every else [i + 1 for i in self.rows],
+        }
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: recognises a run's training file wherever it was copied to."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def held_out_rows(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of the rows held out as dev: a seeded `fraction` of `n`, at least one either side."""
+    if not 0 < fraction < 1:
+        raise PrunetuneError(f"--dev-fraction must be in (0, 1), got {fraction}")
+    if n < 2:
+        raise PrunetuneError(f"{n} example(s) cannot be split into training and dev rows; pass --dev-data")
+    n_dev = min(n - 1, max(1, round(fraction * n)))
+    # A generator of its own (seed, 1): the split does not move when a --train-limit subset is drawn with seed.
+    return np.sort(np.random.default_rng([seed, 1]).permutation(n)[:n_dev])
+
+
+def load_task_rows(
+    task: TaskSpec, split: str, data: str | Path | DataSource | None = None, *, limit: int | None = None,
+    seed: int = 0,
+) -> SplitRows:
+    """One split of a task's data source (see DataSource): never a row of the training split in dev."""
+    split = _canonical_split(task, split)
+    source = DataSource.of(data)
+    ds, name = _load_whole(task, split, source.location(split), None, None)
+    index = np.arange(len(ds))
+    if source.held_out:
+        dev = held_out_rows(len(ds), source.dev_fraction, seed)
+        index = np.setdiff1d(index, dev) if split == "train" else dev
+    chosen = index if limit is None else index[subset_index(len(index), limit, seed)]
+    subset = ds if len(chosen) == len(ds) else ds.select(chosen.tolist())
+    return SplitRows(subset, name, chosen.tolist(), len(ds), source.held_out)
+
+
+def _load_whole(
+    task: TaskSpec, split: str, data: str | Path | None, text_columns: tuple[str, ...] | None,
+    label_column: str | None,
+) -> tuple[datasets.Dataset, str]:
+    """Every row of the split's source, and the source's name."""
     if data is None:
         bundled = bundled_data_dir(task.name)
         if bundled is not None:
@@ -216,12 +325,10 @@ def load_split(
             )
             data = bundled
     if data is None:
-        ds = _load_from_hub(task, split, text_columns, label_column)
-    else:
-        path = _find_split_file(task, split, Path(data))
-        columns, rows = _read_rows(path, task)
-        ds = _build_dataset(task, rows, columns, str(path), text_columns, label_column)
-    return _take_subset(ds, limit, seed)
+        return _load_from_hub(task, split, text_columns, label_column)
+    path = _find_split_file(task, split, Path(data))
+    columns, rows = _read_rows(path, task)
+    return _build_dataset(task, rows, columns, str(path), text_columns, label_column), str(path)
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
@@ -259,18 +366,73 @@ def make_loader(
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
-def check_tokenizer(tokenizer: Any, model_config: Any) -> None:
-    """Fail when the tokenizer can emit ids outside the model's embedding table."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+# A model's embedding table may be padded past its tokenizer (to a multiple of 64 or 128 for fast matmuls:
+# Qwen2 151,936 rows for 151,665 tokens, Pythia 50,304 for 50,277, T5 32,128 for 32,100: under 2% in every
+# case known). A tokenizer with fewer than this share of the model's vocabulary is another model's.
+MIN_VOCAB_SHARE = 0.9
+
+
+def check_tokenizer(tokenizer: Any, model_or_config: Any) -> None:
+    """Refuse a tokenizer that does not belong to the model.
+
+    Two rules, both robust to the padding of embedding tables (see MIN_VOCAB_SHARE):
+    - more tokens than the model has embedding rows: the tokenizer emits ids the model cannot look up;
+    - fewer than MIN_VOCAB_SHARE of the model's vocabulary: it is another (smaller) model's tokenizer, whose
+      ids mean other words to this model; nothing would fail, the numbers would just be meaningless.
+    `model_or_config`: a model (its embedding rows are checked) or a config (its vocab_size).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is None:
+    rows = vocab_size
+    embeddings = getattr(model_or_config, "get_input_embeddings", None)
+    if callable(embeddings) and embeddings() is not None:
+        rows = embeddings().weight.shape[0]
+    if rows is None:
         return
-    # Models often pad their embedding table past the tokenizer's size, so only the other direction is wrong.
-    if len(tokenizer) > vocab_size:
+    size = len(tokenizer)
+    special = {t: i for t, i in zip(getattr(tokenizer, "all_special_tokens", []),
+                                    getattr(tokenizer, "all_special_ids", []), strict=False)}
+    outside = {t: i for t, i in special.items() if i is not None and i >= rows}
+    if outside:  # a tokenizer whose special tokens were added past a smaller model's table
+        token, index = next(iter(outside.items()))
+        raise PrunetuneError(f"the tokenizer's special token {token} has id {index}, but the model has {rows} "
+                             "embedding rows: the tokenizer does not belong to this model")
+    if size > rows:
         raise PrunetuneError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}: "
+            f"tokenizer has {size} tokens but the model's vocabulary has {rows}: "
             "the tokenizer does not belong to this model"
         )
+    if vocab_size and size < MIN_VOCAB_SHARE * vocab_size:
+        raise PrunetuneError(
+            f"tokenizer has {size} tokens, the model's vocabulary {vocab_size}: the tokenizer does not belong "
+            "to this model (save the model's own tokenizer next to it)"
+        )
+
+
+# Learned position tables that do not start at 0: RoBERTa's positions begin after its padding index.
+POSITION_OFFSET: dict[str, Callable[[Any], int]] = {
+    "roberta": lambda config: (config.pad_token_id or 0) + 1,
+    "xlm-roberta": lambda config: (config.pad_token_id or 0) + 1,
+}
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest input the model has positions for; None when unbounded (T5's relative positions)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    model_type = getattr(config, "prunetune_base_model_type", None) or getattr(config, "model_type", "")
+    offset = POSITION_OFFSET.get(model_type)
+    return positions - (offset(config) if offset else 0)
+
+
+def check_max_length(max_length: int, config: Any) -> None:
+    """Refuse a --max-length the model has no positions for (it would fail or read garbage mid-run)."""
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise PrunetuneError(f"--max-length {max_length} is longer than the model's {limit} positions")
 
 
 class _LabelCastingCollator:
@@ -396,8 +558,8 @@ def _read_json_rows(path: Path) -> tuple[list[str], list[Mapping[str, Any]]]:
 
 def _load_from_hub(
     task: TaskSpec, split: str, text_columns: tuple[str, ...] | None, label_column: str | None
-) -> datasets.Dataset:
-    """Download the split from the Hugging Face hub's GLUE dataset."""
+) -> tuple[datasets.Dataset, str]:
+    """Download the split from the Hugging Face hub's GLUE dataset; the dataset and its name."""
     hub_split = {"train": "train", "dev": "validation", "dev_mismatched": "validation_mismatched"}[split]
     if task.name == "mnli" and split == "dev":
         hub_split = "validation_matched"
@@ -408,9 +570,8 @@ def _load_from_hub(
             f"no local data for task {task.name} and the GLUE download failed ({type(exc).__name__}); "
             "pass --data with a GLUE directory or a TSV/CSV/JSONL file"
         ) from exc
-    return _build_dataset(
-        task, hub, hub.column_names, f"glue/{task.name}:{hub_split}", text_columns, label_column
-    )
+    name = f"glue/{task.name}:{hub_split}"
+    return _build_dataset(task, hub, hub.column_names, name, text_columns, label_column), name
 
 
 def _build_dataset(
@@ -518,12 +679,19 @@ def _parse_score(value: Any) -> float:
     return score
 
 
+def subset_index(n: int, limit: int, seed: int) -> np.ndarray:
+    """Positions of a seeded random subset of `limit` of `n` rows, in their original order."""
+    if limit < 1:
+        raise PrunetuneError(f"limit must be positive, got {limit}")
+    if limit >= n:
+        return np.arange(n)
+    # Shuffle with the seed and keep the first `limit`; sorting keeps the chosen rows in their file order.
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
 def _take_subset(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
     """Seeded random subset of `limit` rows, kept in file order; the whole set when it is small enough."""
-    if limit is not None and limit < 1:
-        raise PrunetuneError(f"limit must be positive, got {limit}")
-    if limit is None or limit >= len(ds):
+    if limit is None:
         return ds
-    # Shuffle with the seed and keep the first `limit`; sorting keeps the chosen rows in their file order.
-    chosen = np.random.default_rng(seed).permutation(len(ds))[:limit]
-    return ds.select(np.sort(chosen).tolist())
+    index = subset_index(len(ds), limit, seed)
+    return ds if len(index) == len(ds) else ds.select(index.tolist())

@@ -1,7 +1,11 @@
-"""User-facing errors: the CLI prints these as one line and exits non-zero."""
+"""User-facing errors and warnings: the CLI prints each as one line (errors exit non-zero)."""
 
 from __future__ import annotations
 
 
 class PrunetuneError(Exception):
     """Bad input (model, data, plan, budget, output path) that the user must fix."""
+
+
+class PrunetuneWarning(UserWarning):
+    """A run that works but whose numbers may mislead (an untrained head, an unknown task)."""

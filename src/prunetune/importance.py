@@ -27,6 +27,7 @@ from torch import nn
 from prunetune.errors import PrunetuneError
 from prunetune.families import all_norms, family_of, hidden_sites, layer_sites, unwrap
 from prunetune.masks import Masks, attach
+from prunetune.train import progress
 
 
 @dataclass
@@ -377,6 +378,8 @@ def compute(
     family_of(unwrap(model))
     if scorer != "magnitude" and batches is None:
         raise PrunetuneError(f"scorer {scorer!r} needs task data")
+    if scorer != "magnitude":  # one forward and backward pass per batch: minutes on a CPU for a large model
+        batches = progress(batches, desc=f"importance ({scorer})", leave=True)
     scores = fn(unwrap(model), batches, hidden=hidden)
     scores.meta = {**scores.meta, "scorer": scorer}
     return scores

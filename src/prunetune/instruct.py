@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from prunetune.data import DataSource, SplitRows, held_out_rows, subset_index
 from prunetune.errors import PrunetuneError
 from prunetune.models import load_for_task
-from prunetune.tasks import Loaders
+from prunetune.tasks import EVAL_BATCH_SIZE, Loaders, describe_data
+from prunetune.train import progress
 
 IGNORE = -100
 ALPACA = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -82,7 +84,7 @@ def perplexity(model: nn.Module, loader) -> dict:
     device = next(model.parameters()).device
     model.eval()
     nll, count = 0.0, 0
-    for batch in loader:
+    for batch in progress(loader, desc="evaluate"):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
@@ -101,23 +103,39 @@ class InstructTask:
     maximize = True
     auto_class = "AutoModelForCausalLM"
 
-    def __init__(self, name: str = "instruct", held_out: float = 0.1):
+    def __init__(self, name: str = "instruct"):
         self.name = name
-        self.held_out = held_out
 
     def load_model(self, location: str) -> nn.Module:
         return load_for_task(location, "causal")
 
-    def _split(self, tokenizer, data, eval_limit: int | None, seed: int) -> tuple[list[dict], list[dict]]:
-        """(train, held-out) records: a seeded shuffle, the first `eval_limit` (default 10%) held out."""
-        if data is None:
+    def labels(self) -> list[str]:
+        return []
+
+    @staticmethod
+    def _rows(records: list[dict], index, source: str, total: int, held_out: bool, limit: int | None, seed: int
+              ) -> SplitRows:
+        index = np.asarray(index, dtype=np.int64)
+        if limit is not None:
+            index = index[subset_index(len(index), limit, seed)]
+        return SplitRows([records[i] for i in index], source, index.tolist(), total, held_out)
+
+    def _split(self, data, seed: int, train_limit: int | None = None, eval_limit: int | None = None
+               ) -> tuple[SplitRows, SplitRows]:
+        """(train, held-out) records: --dev-data, else a seeded --dev-fraction held out of the one file."""
+        source = DataSource.of(data)
+        if source.path is None:
             raise PrunetuneError("instruction tuning needs --data (a JSON/JSONL of instruction/input/output records)")
-        rows = read_records(data)
-        random.Random(seed).shuffle(rows)
-        n_eval = eval_limit or max(1, int(self.held_out * len(rows)))
-        if len(rows) <= n_eval:
-            raise PrunetuneError("no training records left after holding out the evaluation set")
-        return rows[n_eval:], rows[:n_eval]
+        rows = read_records(source.path)
+        if source.dev_path is not None:
+            dev_rows = read_records(source.dev_path)
+            return (self._rows(rows, range(len(rows)), source.path, len(rows), False, train_limit, seed),
+                    self._rows(dev_rows, range(len(dev_rows)), source.dev_path, len(dev_rows), False, eval_limit,
+                               seed))
+        dev = held_out_rows(len(rows), source.dev_fraction, seed)
+        train = np.setdiff1d(np.arange(len(rows)), dev)
+        return (self._rows(rows, train, source.path, len(rows), True, train_limit, seed),
+                self._rows(rows, dev, source.path, len(rows), True, eval_limit, seed))
 
     def _loader(self, tokenizer, rows: list[dict], max_length: int, batch_size: int, seed: int | None = None):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -126,15 +144,27 @@ class InstructTask:
         return DataLoader(enc, batch_size=batch_size, shuffle=seed is not None, collate_fn=collate(pad), generator=gen)
 
     def sample_loader(self, tokenizer, *, data, samples: int, max_length: int, seed: int, batch_size: int = 4):
-        train, _ = self._split(tokenizer, data, None, seed)
-        return self._loader(tokenizer, train[:samples], max_length, batch_size)
+        train, _ = self._split(data, seed, train_limit=samples)
+        return self._loader(tokenizer, train.dataset, max_length, batch_size)
 
-    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
-        train, dev = self._split(tokenizer, data, eval_limit, seed)
+    def eval_loader(self, tokenizer, *, data, eval_limit, max_length, seed, batch_size: int = EVAL_BATCH_SIZE):
+        source = DataSource.of(data)
+        if source.path is None and source.dev_path is not None:  # records to score, all of them (evaluate)
+            records = read_records(source.dev_path)
+            dev = self._rows(records, range(len(records)), source.dev_path, len(records), False, eval_limit, seed)
+        else:
+            _, dev = self._split(data, seed, eval_limit=eval_limit)
+        return self._loader(tokenizer, dev.dataset, max_length, batch_size)
+
+    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed,
+                eval_batch_size: int = EVAL_BATCH_SIZE) -> Loaders:
+        train, dev = self._split(data, seed, train_limit, eval_limit)
         return Loaders(
-            train=self._loader(tokenizer, train[:train_limit] if train_limit else train, max_length, batch_size, seed),
-            dev=self._loader(tokenizer, dev, max_length, batch_size),
-            sample=self._loader(tokenizer, train[:samples], max_length, max(1, batch_size // 2)),
+            train=self._loader(tokenizer, train.dataset, max_length, batch_size, seed),
+            dev=self._loader(tokenizer, dev.dataset, max_length, eval_batch_size),
+            sample=self.sample_loader(tokenizer, data=data, samples=samples, max_length=max_length, seed=seed,
+                                      batch_size=max(1, batch_size // 2)),
+            data=describe_data(data, train, dev, seed),
         )
 
     def evaluate(self, model: nn.Module, loader) -> dict:

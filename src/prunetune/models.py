@@ -126,7 +126,11 @@ def existing_head_labels(location: str) -> int | None:
         return None
     cfg = json.loads(cfg_path.read_text())
     if any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
-        return len(cfg.get("id2label") or {}) or cfg.get("num_labels")
+        from transformers import PretrainedConfig
+
+        # transformers 5 leaves the default label count (2) out of config.json: without it, a 2-label head
+        # passed for any task and a 3-label task crashed in from_pretrained on the mismatched head
+        return len(cfg.get("id2label") or {}) or cfg.get("num_labels") or PretrainedConfig().num_labels
     return None
 
 

@@ -10,19 +10,22 @@ import torch
 from torch import nn
 
 from prunetune import models, tasks
-from prunetune.data import check_tokenizer
+from prunetune.data import check_max_length, check_tokenizer
 from prunetune.errors import PrunetuneError
 from prunetune.export import atomic_dir, check_output_dir, save_compact
 from prunetune.importance import Scores, compute, heatmap, rank_correlation
 from prunetune.plan import Budget, PruningPlan, layer_param_count, model_info, select
 from prunetune.surgery import apply_plan
+from prunetune.train import DEFAULT_SEED
 
 
-def load_task_model(model: str | None, task: str | None, *, seed: int = 0) -> tuple[nn.Module, object, str]:
+def load_task_model(model: str | None, task: str | None, *, seed: int = DEFAULT_SEED
+                    ) -> tuple[nn.Module, object, str]:
     """The model (with the task's head when a task is given), its tokenizer and its location.
 
     A new task head starts from random weights and its gradients decide the scores: seeding before the load
-    makes importance and pruning reproducible (two runs of `prunetune prune` pruned different heads).
+    makes importance and pruning reproducible (two runs of `prunetune prune` pruned different heads), and with
+    finetune's seed (42 by default), the scores equal those `finetune` computes.
     Without a task the checkpoint keeps its own head, whatever its size (an MNLI classifier's 3 labels, a
     QA or token-classification head), and no tokenizer is needed: the tokenizer returned is then None.
     """
@@ -38,7 +41,7 @@ def load_task_model(model: str | None, task: str | None, *, seed: int = 0) -> tu
 
 
 def sample_batches(tokenizer, task: str, data: str | None, samples: int, *, location: str, max_length: int = 128,
-                   seed: int = 0):
+                   seed: int = DEFAULT_SEED):
     """A seeded sample of labelled task batches (the cheap pass the importance scores are computed on)."""
     return tasks.for_model(task, location).sample_loader(tokenizer, data=data, samples=samples, max_length=max_length,
                                                          seed=seed)
@@ -47,7 +50,7 @@ def sample_batches(tokenizer, task: str, data: str | None, samples: int, *, loca
 def run_importance(
     model: str | None, tasks: list[str], out: str, *, data: list[str] | None = None, samples: int = 512,
     scorer: str = "head_grad", max_length: int = 128, hidden: bool = False,
-    overwrite: bool = False,
+    overwrite: bool = False, seed: int = DEFAULT_SEED,
 ) -> dict:
     """Score heads/neurons for one or more tasks; write scores JSON, heat map PNG and (two tasks) the correlation."""
     if not tasks:
@@ -58,9 +61,10 @@ def run_importance(
     all_scores: list[Scores] = []
     with atomic_dir(out, overwrite=overwrite, inputs=[models.resolve(model), *data]) as tmp:
         for i, task in enumerate(tasks):
-            net, tok, location = load_task_model(model, task)
+            net, tok, location = load_task_model(model, task, seed=seed)
+            check_max_length(max_length, net.config)
             batches = sample_batches(tok, task, data[i] if data else None, samples, location=location,
-                                     max_length=max_length)
+                                     max_length=max_length, seed=seed)
             scores = compute(net, batches, scorer, hidden=hidden)
             scores.meta.update({"task": task, "samples": samples})
             scores.save(tmp / f"importance_{task}.json")
@@ -76,7 +80,7 @@ def run_importance(
 def run_prune(
     model: str | None, out: str, *, plan: str | None = None, budget: Budget | None = None,
     task: str | None = None, data: str | None = None, samples: int = 512, scorer: str | None = None,
-    max_length: int = 128, overwrite: bool = False,
+    max_length: int = 128, overwrite: bool = False, seed: int = DEFAULT_SEED,
 ) -> dict:
     """Prune MODEL by a plan file or a budget (scored on task data, or by weight magnitude) and export it."""
     if plan is None and budget is None:
@@ -86,11 +90,14 @@ def run_prune(
     location = models.resolve(model)
     inputs = [location, data, plan]  # --out must not replace any of them
     check_output_dir(out, overwrite=overwrite, inputs=inputs)
-    net, tok, location = load_task_model(location, task)
+    net, tok, location = load_task_model(location, task, seed=seed)
     if tok is None and not Path(location).is_dir():
         # a hub model has no files to copy: its tokenizer goes with the export when it has one
         with contextlib.suppress(PrunetuneError):
             tok = models.load_tokenizer(location)
+    if task:  # the export records the task its (untrained) head was made for: `evaluate` warns about it
+        check_max_length(max_length, net.config)
+        tasks.tag_model(net, tasks.for_model(task, location), trained=False)
     before = model_info(net)
     notes = []
     if plan is not None:
@@ -99,7 +106,7 @@ def run_prune(
         hidden = budget.hidden_keep is not None and budget.hidden_keep < 1
         if task:
             scorer = scorer or "head_grad"
-            batches = sample_batches(tok, task, data, samples, location=location, max_length=max_length)
+            batches = sample_batches(tok, task, data, samples, location=location, max_length=max_length, seed=seed)
             scores = compute(net, batches, scorer, hidden=hidden)
         else:
             scorer = "magnitude"

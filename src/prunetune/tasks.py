@@ -8,12 +8,13 @@ the same way: a class with `load_model`, `loaders` and `evaluate`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 from torch import nn
 
-from prunetune.data import get_task, load_split, make_loader, tokenize
+from prunetune.data import DataSource, SplitRows, file_digest, get_task, load_task_rows, make_loader, tokenize
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import compute_metrics
 from prunetune.models import load_for_task, model_kind
@@ -27,6 +28,10 @@ class Loaders:
     train: object
     dev: object
     sample: object
+    data: dict = field(default_factory=dict)  # which rows of which source went where (reports)
+
+
+EVAL_BATCH_SIZE = 64  # evaluation batches: no gradients are kept, so they can be larger than training ones
 
 
 class Task(Protocol):
@@ -40,8 +45,13 @@ class Task(Protocol):
     def sample_loader(self, tokenizer, *, data, samples: int, max_length: int, seed: int, batch_size: int = 16): ...
 
     def loaders(
-        self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed
+        self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed,
+        eval_batch_size: int = EVAL_BATCH_SIZE,
     ) -> Loaders: ...
+
+    def eval_loader(self, tokenizer, *, data, eval_limit, max_length, seed, batch_size: int = EVAL_BATCH_SIZE): ...
+
+    def labels(self) -> list[str]: ...
 
     def evaluate(self, model: nn.Module, loader) -> dict: ...
 
@@ -60,28 +70,65 @@ class GlueTask:
     def load_model(self, location: str) -> nn.Module:
         return load_for_task(location, "classify", self.spec.num_labels, self.spec.is_regression)
 
-    def _split(self, tokenizer, name: str, data, limit: int | None, max_length: int, seed: int):
-        ds = tokenize(load_split(self.spec, name, data, limit=limit, seed=seed), tokenizer, max_length)
+    def labels(self) -> list[str]:
+        """The label set an export records (empty for regression)."""
+        return list(self.spec.label_names)
+
+    def _split(self, tokenizer, name: str, data, limit: int | None, max_length: int, seed: int
+               ) -> tuple[Any, SplitRows]:
+        rows = load_task_rows(self.spec, name, data, limit=limit, seed=seed)
+        ds = tokenize(rows.dataset, tokenizer, max_length)
         if len(ds) == 0:
             raise PrunetuneError(f"the {name} split of {self.name} is empty")
-        return ds
+        return ds, rows
 
     def sample_loader(self, tokenizer, *, data, samples: int, max_length: int, seed: int, batch_size: int = 16):
         """A seeded sample of labelled training batches (what importance is scored on)."""
-        ds = self._split(tokenizer, "train", data, samples, max_length, seed)
+        ds, _ = self._split(tokenizer, "train", data, samples, max_length, seed)
         return make_loader(ds, tokenizer, batch_size, shuffle=False)
 
-    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
-        train = self._split(tokenizer, "train", data, train_limit, max_length, seed)
-        dev = self._split(tokenizer, "dev", data, eval_limit, max_length, seed)
+    def eval_loader(self, tokenizer, *, data, eval_limit, max_length, seed, batch_size: int = EVAL_BATCH_SIZE):
+        """Dev batches only (what `prunetune evaluate` scores)."""
+        ds, _ = self._split(tokenizer, "dev", data, eval_limit, max_length, seed)
+        return make_loader(ds, tokenizer, batch_size, shuffle=False)
+
+    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed,
+                eval_batch_size: int = EVAL_BATCH_SIZE) -> Loaders:
+        train, train_rows = self._split(tokenizer, "train", data, train_limit, max_length, seed)
+        dev, dev_rows = self._split(tokenizer, "dev", data, eval_limit, max_length, seed)
         return Loaders(
             train=make_loader(train, tokenizer, batch_size, shuffle=True, seed=seed),
-            dev=make_loader(dev, tokenizer, 64, shuffle=False),
+            dev=make_loader(dev, tokenizer, eval_batch_size, shuffle=False),
             sample=self.sample_loader(tokenizer, data=data, samples=samples, max_length=max_length, seed=seed),
+            data=describe_data(data, train_rows, dev_rows, seed),
         )
 
     def evaluate(self, model: nn.Module, loader) -> dict:
         return compute_metrics(self.spec, *predict(model, loader))
+
+
+def describe_data(data, train: SplitRows, dev: SplitRows, seed: int) -> dict:
+    """Which rows trained and which scored the model, for the report (and a one-line summary)."""
+    source = DataSource.of(data)
+    out = {"train": train.describe(), "dev": dev.describe()}
+    if source.held_out:
+        out["held_out"] = {"file": str(Path(source.path).resolve()), "sha256": file_digest(source.path),
+                           "dev_fraction": source.dev_fraction, "seed": seed}
+    return out
+
+
+def data_summary(data: dict) -> str:
+    """One line: where the training and dev rows came from."""
+    def part(d: dict) -> str:
+        share = f"{d['examples']} of {d['of']}" if d["examples"] != d["of"] else f"all {d['of']}"
+        return f"{share} rows of {d['source']}"
+
+    line = f"train on {part(data['train'])}; evaluate on {part(data['dev'])}"
+    held = data.get("held_out")
+    if held:
+        line += (f" (held out of the training file: --dev-fraction {held['dev_fraction']}, --seed {held['seed']}; "
+                 "no training row is evaluated)")
+    return line
 
 
 INSTRUCT_NAMES = ("instruct", "alpaca")
@@ -103,3 +150,27 @@ def for_model(name: str, location: str) -> Task:
 
         return Text2TextGlueTask(name)
     return get(name)
+
+
+TASK_ATTR = "prunetune_task"  # config attribute: the task an export's head was made for
+
+
+def task_record(task: Task, *, trained: bool, held_out: dict | None = None) -> dict:
+    """What an export records about its task: name, label set, whether its head was trained, held-out rows."""
+    record = {"name": task.name, "labels": task.labels(), "trained": trained}
+    if held_out:
+        record["held_out"] = held_out
+    return record
+
+
+def tag_model(model: nn.Module, task: Task, *, trained: bool, held_out: dict | None = None) -> None:
+    """Record the task on the model's config, which save_pretrained writes into config.json.
+
+    A head already trained for this very task keeps its record when the model is tagged untrained (pruning a
+    fine-tuned export for its own task does not untrain its head).
+    """
+    config = model.config
+    previous = getattr(config, TASK_ATTR, None) or {}
+    if not trained and previous.get("name") == task.name and previous.get("trained"):
+        return
+    setattr(config, TASK_ATTR, task_record(task, trained=trained, held_out=held_out))

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from prunetune.data import load_split
+from prunetune.data import SplitRows, load_task_rows
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import compute_metrics
 from prunetune.models import load_for_task
-from prunetune.tasks import GlueTask, Loaders
+from prunetune.tasks import EVAL_BATCH_SIZE, GlueTask, Loaders, describe_data
+from prunetune.train import progress
 
 # T5's GLUE label words (its preprocessors), in the order of each task's label ids.
 LABEL_WORDS = {
@@ -63,14 +64,21 @@ class Text2TextGlueTask(GlueTask):
                 raise PrunetuneError(f"the tokenizer cannot tell the label words {self.words} apart")
         return self._targets
 
-    def _dataset(self, tokenizer, split: str, data, limit, max_length: int, seed: int) -> list[dict]:
-        ds = load_split(self.spec, split, data, limit=limit, seed=seed)
+    def labels(self) -> list[str]:
+        """The label words the model generates (what an export records)."""
+        return list(self.words)
+
+    def _dataset(self, tokenizer, split: str, data, limit, max_length: int, seed: int
+                 ) -> tuple[list[dict], SplitRows]:
+        rows = load_task_rows(self.spec, split, data, limit=limit, seed=seed)
+        ds = rows.dataset
         if len(ds) == 0:
             raise PrunetuneError(f"the {split} split of {self.name} is empty")
         enc = tokenizer(self._sources(ds), truncation=True, max_length=max_length)
         targets = self.targets(tokenizer)
-        return [{"input_ids": ids, "attention_mask": mask, "class": int(label), "labels": targets[int(label)]}
-                for ids, mask, label in zip(enc["input_ids"], enc["attention_mask"], ds["label"], strict=True)]
+        examples = [{"input_ids": ids, "attention_mask": mask, "class": int(label), "labels": targets[int(label)]}
+                    for ids, mask, label in zip(enc["input_ids"], enc["attention_mask"], ds["label"], strict=True)]
+        return examples, rows
 
     @staticmethod
     def _loader(rows: list[dict], tokenizer, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -88,18 +96,24 @@ class Text2TextGlueTask(GlueTask):
         return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
     def sample_loader(self, tokenizer, *, data, samples: int, max_length: int, seed: int, batch_size: int = 16):
-        rows = self._dataset(tokenizer, "train", data, samples, max_length, seed)
+        rows, _ = self._dataset(tokenizer, "train", data, samples, max_length, seed)
         return self._loader(rows, tokenizer, batch_size, shuffle=False)
 
-    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed) -> Loaders:
-        train = self._dataset(tokenizer, "train", data, train_limit, max_length, seed)
-        dev = self._dataset(tokenizer, "dev", data, eval_limit, max_length, seed)
+    def eval_loader(self, tokenizer, *, data, eval_limit, max_length, seed, batch_size: int = EVAL_BATCH_SIZE):
+        dev, _ = self._dataset(tokenizer, "dev", data, eval_limit, max_length, seed)
         # the dev loader carries every class's target and the true classes, so scoring needs no tokenizer
+        return _ScoringLoader(self._loader(dev, tokenizer, batch_size, shuffle=False), dev, self.targets(tokenizer))
+
+    def loaders(self, tokenizer, *, data, train_limit, eval_limit, samples, max_length, batch_size, seed,
+                eval_batch_size: int = EVAL_BATCH_SIZE) -> Loaders:
+        train, train_rows = self._dataset(tokenizer, "train", data, train_limit, max_length, seed)
+        dev, dev_rows = self._dataset(tokenizer, "dev", data, eval_limit, max_length, seed)
         targets = self.targets(tokenizer)
         return Loaders(
             train=self._loader(train, tokenizer, batch_size, shuffle=True, seed=seed),
-            dev=_ScoringLoader(self._loader(dev, tokenizer, 64, shuffle=False), dev, targets),
+            dev=_ScoringLoader(self._loader(dev, tokenizer, eval_batch_size, shuffle=False), dev, targets),
             sample=self.sample_loader(tokenizer, data=data, samples=samples, max_length=max_length, seed=seed),
+            data=describe_data(data, train_rows, dev_rows, seed),
         )
 
     def evaluate(self, model: nn.Module, loader: _ScoringLoader) -> dict:
@@ -130,7 +144,7 @@ def class_scores(model: nn.Module, batches: Iterable[dict], targets: list[list[i
     device = next(model.parameters()).device
     model.eval()
     out: list[np.ndarray] = []
-    for batch in batches:
+    for batch in progress(batches, desc="evaluate"):
         enc = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
         n = enc["input_ids"].shape[0]
         per_class = []

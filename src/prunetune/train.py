@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,34 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+DEFAULT_SEED = 42  # every command's default seed: importance, prune and finetune pick the same sample and head
+
+# Progress bars and stage lines on stderr; library users (and tests) may turn them off, as with transformers'
+# and datasets' own bars.
+_PROGRESS = {"enabled": True}
+
+
+def set_progress(enabled: bool) -> None:
+    """Show (or hide) prunetune's progress bars and stage lines."""
+    _PROGRESS["enabled"] = enabled
+
+
+def progress_enabled() -> bool:
+    return _PROGRESS["enabled"]
+
+
+def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "batch",
+             leave: bool = False, enabled: bool = True) -> tqdm:
+    """A tqdm bar on stderr for one stage (hidden when progress is off, or `enabled` is False)."""
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr,
+                disable=not (enabled and _PROGRESS["enabled"]))
+
+
+def status(message: str) -> None:
+    """One line on stderr announcing a stage (printed through tqdm so it does not break a live bar)."""
+    if _PROGRESS["enabled"]:
+        tqdm.write(f"prunetune: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -33,7 +62,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0
     eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of every epoch
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     progress: bool = True
     log_path: Path | None = None  # metrics per step, JSONL
@@ -48,6 +77,11 @@ class FitResult:
     best_step: int = -1
     train_time_s: float = 0.0
     steps: int = 0
+    precision: str = "fp32"  # the autocast dtype the steps actually ran in
+
+
+# the report's names of autocast dtypes (None: no autocast, full precision)
+PRECISION_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class TrainHook:
@@ -70,6 +104,7 @@ class TrainHook:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (a new task head and new adapters draw from torch's generator)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -137,10 +172,10 @@ def fit(
     amp = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     log = open(cfg.log_path, "a") if cfg.log_path else None  # noqa: SIM115 (closed in finally)
-    result = FitResult()
+    result = FitResult(precision=PRECISION_NAMES[amp])
     best_state, step, micro = None, 0, 0
     eval_every = cfg.eval_every or steps_per_epoch
-    bar = tqdm(total=total, disable=not cfg.progress, desc="train", unit="step")
+    bar = progress(total=total, enabled=cfg.progress, desc="train", unit="step", leave=True)
     start = time.perf_counter()
     try:
         model.train()
@@ -212,7 +247,7 @@ def predict(model: nn.Module, loader: Iterable[dict], device: torch.device | Non
     device = device or next(model.parameters()).device
     model.eval()
     preds, labels = [], []
-    for batch in loader:
+    for batch in progress(loader, desc="evaluate"):
         batch = {k: v.to(device) for k, v in batch.items()}
         lab = batch.pop("labels")
         out = model(**batch).logits.float()
