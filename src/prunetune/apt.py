@@ -305,9 +305,9 @@ def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfi
         # large decoders: outlier-aware score on a calibration sample, prune once, then tune
         scorer = cfg.scorer or "salience_kurtosis"
         scores = compute(model, sample_loader, scorer, hidden=apt_cfg.hidden)
-        # heads are compared within their layer (L2-normalised), as their raw scores differ by orders of
-        # magnitude between layers of a decoder
-        plan = select(model, scores, apt_cfg.budget(apt_cfg.keep), layer_norm_heads=True)
+        # each layer's scores are L2-normalised (raw scores differ by orders of magnitude between layers of a
+        # decoder), which leaves kinds incomparable: per_layer then rescales each kind to its cost share
+        plan = select(model, scores, apt_cfg.budget(apt_cfg.keep), normalize="per_layer")
         plan.meta["scorer"] = scorer
         apply_plan(model, plan)
         own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident

@@ -175,7 +175,7 @@ def _run_lora(cfg, model, train_loader, evaluate, log_path, sample_loader) -> Me
 def _run_prune_lora(cfg, model, train_loader, evaluate, log_path, sample_loader) -> MethodResult:
     scores = compute(model, sample_loader, "head_grad")
     heads_keep = cfg.heads_keep if cfg.heads_keep is not None else 100 / 144
-    plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.neurons_keep), layer_norm_heads=True)
+    plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.neurons_keep), normalize="per_layer")
     apply_plan(model, plan)
     own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident
     blocks = block_scores(scores)
