@@ -62,10 +62,14 @@ class AptConfig:
         return self.seq_len if self.keep_flops is not None else None
 
     def budget(self, keep: float, reference: float | None = None) -> Budget:
-        """The engine's budget for keeping `keep` of the dense cost, in this config's unit."""
+        """The engine's budget for keeping `keep` of the dense cost, in this config's unit.
+
+        With `hidden`, hidden dims are ranked with heads and neurons by salience per parameter (APT); without
+        prune_hidden the budget had no hidden target, so the salience collected for them removed nothing.
+        """
         if self.keep_flops is not None:
-            return Budget(keep_flops=keep, seq_len=self.seq_len, reference=reference)
-        return Budget(keep_params=keep, reference=reference)
+            return Budget(keep_flops=keep, seq_len=self.seq_len, reference=reference, prune_hidden=self.hidden)
+        return Budget(keep_params=keep, reference=reference, prune_hidden=self.hidden)
 
 
 def cubic_schedule(cfg: AptConfig, total_steps: int) -> dict[int, float]:
