@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 from torch import nn
 
 from prunetune.costs import head_costs, neuron_cost
@@ -208,23 +209,44 @@ def _segments(chain: list[Unit]) -> list[tuple[float, float, list[Unit]]]:
 def knapsack(chains: list[list[Unit]], capacity: float) -> list[Unit]:
     """Greedy by score per cost over envelope segments; what is left is filled with the leading units of chains
     whose next segment did not fit (after the main pass, so they never displace a better unit)."""
-    items = []
+    # one item per envelope segment, in parallel lists (a tuple per item made the garbage collector sweep the
+    # whole heap: a decoder has ~10^5 neurons, and the hidden search runs this some 40 times)
+    ratio: list[float] = []
+    rank: list[float] = []
+    cost: list[float] = []
+    where: list[tuple[int, int]] = []  # (chain, position of the segment's first unit)
+    members: list[list[Unit]] = []
     for ci, chain in enumerate(chains):
+        if len(chain) == 1:  # most chains (neurons, MHA heads): no envelope to compute
+            u = chain[0]
+            ratio.append(_ratio(u.score, u.cost))
+            rank.append(u.rank)
+            cost.append(u.cost)
+            where.append((ci, 0))
+            members.append(chain)
+            continue
         start = 0
-        for value, cost, units in _segments(chain):
-            items.append((_ratio(value, cost), units[0].rank, ci, start, cost, units))
+        for value, seg_cost, units in _segments(chain):
+            ratio.append(_ratio(value, seg_cost))
+            rank.append(units[0].rank)
+            cost.append(seg_cost)
+            where.append((ci, start))
+            members.append(units)
             start += len(units)
-    items.sort(key=lambda it: (-it[0], it[1]))  # stable: a chain's segments keep their order on equal keys
+    # best ratio first, then the better-ranked unit; a chain's segments have decreasing ratios, so they come in
+    # chain order (lexsort is stable)
+    order = np.lexsort((np.asarray(rank), -np.asarray(ratio))).tolist()
     chosen: list[Unit] = []
     spent = 0.0
     blocked: dict[int, int] = {}  # chain -> position of its first unit not taken (insertion = ratio order)
-    for _, _, ci, start, cost, units in items:
+    for i in order:
+        ci, start = where[i]
         if ci in blocked:
             continue
-        if spent + cost <= capacity + TOLERANCE:
-            chosen += units
-            spent += cost
-        else:
+        if spent + cost[i] <= capacity + TOLERANCE:
+            chosen += members[i]
+            spent += cost[i]
+        elif len(chains[ci]) - start > 1:  # a lone unit that does not fit now never will: no need to recall it
             blocked[ci] = start
     for ci, start in blocked.items():
         for u in chains[ci][start:]:
@@ -273,21 +295,16 @@ class Pool:
         self.hidden_scores: list[float] | None = None
         if scores.hidden is not None or budget.hidden_keep is not None:
             self.hidden_scores = list(scores.hidden or [1.0] * self.hidden_now)
+        self.head_units = [u for c in self.head_chains for u in c]
+        self.neuron_units = [u for c in self.neuron_chains for u in c]
         if mode != "none":
             for kind in (self.head_units, self.neuron_units):
                 _per_kind(kind)
 
-    @property
-    def head_units(self) -> list[Unit]:
-        return [u for c in self.head_chains for u in c]
-
-    @property
-    def neuron_units(self) -> list[Unit]:
-        return [u for c in self.neuron_chains for u in c]
-
     def at_scale(self, s: float) -> None:
-        for u in self.head_units + self.neuron_units:
-            u.cost = u.at_scale(s)
+        for units in (self.head_units, self.neuron_units):
+            for u in units:
+                u.cost = u.cost_const + u.cost_hidden * s
 
     def _fixed_counts(self) -> tuple[list[Unit], list[list[Unit]]]:
         """Units a count budget fixes (heads_keep / neurons_keep), and the chains left free."""
