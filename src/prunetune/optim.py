@@ -14,7 +14,9 @@ rescaled for m and v at once), and splitting grown rows into their own tensors w
 single-weight adapters. So the moments stay exactly what a fresh Adam would hold (zero at birth, the
 same recursion after), and an optimizer step hook replaces the new rows' update by the one a fresh
 Adam makes at their own age: exact, up to rounding, for Adam and AdamW (amsgrad, weight decay and
-maximize included; other optimizers keep no bias correction and are left alone).
+maximize included; other optimizers keep no bias correction and are left alone). The rows' birth steps
+live beside the optimizer (weakly keyed by it), not in its state_dict: a run resumed from a saved
+optimizer state would treat them as old rows.
 """
 
 from __future__ import annotations

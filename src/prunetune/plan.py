@@ -178,13 +178,15 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
 
 
 def _build(model: nn.Module, family: str, choice: Choice, meta: dict) -> PruningPlan:
+    kept: dict[tuple[str, str], list[int]] = {}
+    for u in choice.units:
+        kept.setdefault((u.kind, u.key), []).extend(u.ids)
     plan = PruningPlan(family=family, hidden=choice.hidden, meta=meta)
     for lay in layer_sites(model):
         for s in lay.attentions.values():
-            plan.heads[s.key] = sorted(h for u in choice.units if u.kind == "heads" and u.key == s.key for h in u.ids)
+            plan.heads[s.key] = sorted(kept.get(("heads", s.key), []))
         if lay.ffn.width:
-            plan.neurons[lay.key] = sorted(i for u in choice.units if u.kind == "neurons" and u.key == lay.key
-                                           for i in u.ids)
+            plan.neurons[lay.key] = sorted(kept.get(("neurons", lay.key), []))
     return plan
 
 
