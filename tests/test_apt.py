@@ -8,12 +8,13 @@ import pytest
 import torch
 import transformers
 from conftest import logits, tiny_config, tiny_inputs
-from engine_helpers import max_diff, tiny
+from engine_helpers import masks_for, max_diff, tiny
 
 from prunetune import adapters
 from prunetune.apt import AptConfig, AptHook, cubic_schedule
-from prunetune.families import layer_sites
-from prunetune.plan import layer_cost, layer_param_count
+from prunetune.families import hidden_size, layer_sites
+from prunetune.masks import attach
+from prunetune.plan import layer_cost, layer_param_count, select
 from prunetune.train import TrainConfig, fit
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,6 +184,58 @@ def test_gqa_groups_stay_valid_on_llama():
             q_heads = attn.q_proj.base_layer.weight.shape[0] // 8
             kv_heads = attn.k_proj.base_layer.weight.shape[0] // 8
             assert q_heads % kv_heads == 0 and attn.num_key_value_groups == q_heads // kv_heads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hidden dims (AptConfig.hidden): ranked with heads and neurons by salience per parameter
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_apt_prunes_hidden_dims_inside_fit():
+    """hidden=True collected hidden-dim salience, but the budget had no hidden target: no dim was ever removed."""
+    model, hook, _, dense = run_apt_fit("bert", keep=0.3, hidden=True, distill=False)
+    widths = [r["hidden"] for r in hook.timeline.rows]
+    assert widths[-1] < widths[0] == 32 and widths == sorted(widths, reverse=True)
+    assert hidden_size(model) == widths[-1] == len(hook.stats.salience["hidden"])  # the salience followed
+    for step, target, count in hook.after_pruning:
+        assert count <= target * dense, step
+    assert layer_param_count(model) >= 0.27 * dense
+    check_consistent(model)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_apt_hidden_step_equals_its_masks(family):
+    """A pruning step that removes hidden dims (and grows adapters) computes what its plan's masks compute."""
+    batch = batches_for(family)[0]
+    model = classifier(family)
+    dense = layer_param_count(model)
+    peft_model = adapters.apply_lora(model, rank=2, targets="all")
+    with torch.no_grad():  # non-zero adapters, so their slicing matters
+        for layer in adapters.lora_layers(peft_model).values():
+            layer.lora_B[adapters.ADAPTER].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    hook = AptHook(peft_model, AptConfig(keep_params=0.5, prune_steps=1, hidden=True, distill=False), 10, dense)
+    step = next(iter(hook.schedule))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    peft_model.train()
+    peft_model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    hook.stats.step()
+    hook.stats.salience["hidden"] *= 0.01  # hidden dims the least salient per parameter: some must go
+    plan = select(peft_model, hook.stats.to_scores(), hook.cfg.budget(hook.schedule[step], dense))
+    width = hidden_size(peft_model)
+    assert plan.hidden is not None and len(plan.hidden) < width
+    peft_model.eval()
+    with attach(peft_model, masks_for(peft_model, plan)):
+        masked = logits(peft_model, batch)
+
+    assert hook.after_step(step, 10, peft_model, optimizer)
+    assert hidden_size(peft_model) == len(plan.hidden)
+    assert layer_param_count(peft_model) <= hook.schedule[step] * dense
+    peft_model.eval()
+    assert max_diff(logits(peft_model, batch), masked) <= 1e-4
+    check_consistent(peft_model, optimizer)
+    hook.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ from prunetune.importance import Scores, compute
 from prunetune.plan import (
     Budget,
     PruningPlan,
-    _head_units,
-    _neuron_units,
     kv_groups_kept,
     layer_cost,
     layer_param_count,
@@ -25,6 +23,7 @@ from prunetune.plan import (
     planned_param_count,
     select,
 )
+from prunetune.selection import Pool
 from prunetune.surgery import apply_plan, current_layout
 
 SEQ = 128
@@ -169,10 +168,8 @@ def test_neurons_keep_fraction_is_exact(family, fraction):
 
 
 def largest_unit(model, budget: Budget, flops_seq: int | None = None) -> float:
-    scores = random_scores(model)
-    units = _head_units(model, scores, budget, 1.0, flops_seq, False) + _neuron_units(model, scores, budget, 1.0,
-                                                                                      flops_seq)
-    return max(u.cost for u in units)
+    pool = Pool(model, random_scores(model), budget, "none", flops_seq)
+    return max(u.at_scale(1.0) for u in pool.head_units + pool.neuron_units)
 
 
 @pytest.mark.parametrize("fraction", [0.15, 0.4, 0.75])

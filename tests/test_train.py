@@ -260,3 +260,98 @@ def test_remap_optimizer_slices_and_grows_adam_state():
     _train_steps(model, optimizer, labelled_batches("bert", 1))
     assert max_diff(q.lora_A[adapters.ADAPTER].weight.detach(), grown_a) > 0
     assert float(a_state["step"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rank growth late in training: new rows must not inherit the tensor's bias correction
+# ---------------------------------------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
+    "adam_amsgrad": lambda params: torch.optim.Adam(params, lr=1e-3, amsgrad=True),
+}
+
+
+def _grow(optimizer, p: torch.nn.Parameter, dim: int, extra: int, g: torch.Generator) -> torch.nn.Parameter:
+    shape = list(p.shape)
+    shape[dim] = extra
+    new = torch.nn.Parameter(torch.cat([p.detach(), 0.1 * torch.randn(shape, generator=g)], dim))
+    log = SliceLog()
+    log.record_growth(p, new, dim, p.shape[dim])
+    remap_optimizer(optimizer, log)
+    return new
+
+
+def _slice(optimizer, p: torch.nn.Parameter, dim: int, index: list[int]) -> torch.nn.Parameter:
+    idx = torch.tensor(index)
+    new = torch.nn.Parameter(p.detach().index_select(dim, idx).clone())
+    log = SliceLog()
+    log.record(p, new, dim, idx)
+    remap_optimizer(optimizer, log)
+    return new
+
+
+def _fresh(kind: str, value: torch.Tensor):
+    p = torch.nn.Parameter(value.detach().clone())
+    return p, OPTIMIZERS[kind]([p])
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_grown_rows_update_like_a_fresh_adam(kind):
+    """After 500 steps, rows added by growth used to move 2-6x the learning rate (zero moments, bias correction
+    of step 500); now every row updates exactly as a fresh Adam of its own age would, old rows untouched."""
+    g = torch.Generator().manual_seed(0)
+    lr = 1e-3
+    p = torch.nn.Parameter(torch.randn(4, 8, generator=g))
+    optimizer = OPTIMIZERS[kind]([p])
+    for _ in range(500):
+        p.grad = torch.randn(4, 8, generator=g) + 0.3
+        optimizer.step()
+    old_ref, old_opt = _fresh(kind, p)
+    old_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # the old rows go on as if nothing grew
+    p = _grow(optimizer, p, 0, 2, g)
+    cohorts = [(4, 6, *_fresh(kind, p[4:]))]  # rows 4..5: a fresh Adam of their own
+    biggest = 0.0
+    for step in range(150):
+        if step == 80:  # a second growth, 80 steps later: rows 6..8, fresh again
+            p = _grow(optimizer, p, 0, 3, g)
+            cohorts.append((6, 9, *_fresh(kind, p[6:])))
+        grad = torch.randn(p.shape, generator=g) + 0.3
+        skip = step == 40  # a step in which the parameter got no gradient: Adam skips it, and so must the hook
+        before = p.detach().clone()
+        p.grad = None if skip else grad
+        optimizer.step()
+        old_ref.grad = None if skip else grad[:4]
+        old_opt.step()
+        for start, stop, ref, ref_opt in cohorts:
+            ref.grad = None if skip else grad[start:stop].clone()
+            ref_opt.step()
+        biggest = max(biggest, (p.detach()[4:] - before[4:]).abs().max().item())
+        if skip:
+            assert torch.equal(p.detach(), before)
+    assert biggest <= 1.1 * lr, f"a new row moved {biggest / lr:.2f} x lr in one step"
+    torch.testing.assert_close(p.detach()[:4], old_ref.detach(), atol=1e-7, rtol=0)
+    for start, stop, ref, _ in cohorts:
+        torch.testing.assert_close(p.detach()[start:stop], ref.detach(), atol=1e-6, rtol=0)
+
+
+def test_grown_columns_follow_later_slicing():
+    """lora_B grows columns and may later lose rows (its output side pruned): the correction follows the slice."""
+    g = torch.Generator().manual_seed(1)
+    b = torch.nn.Parameter(torch.randn(6, 3, generator=g))
+    optimizer = OPTIMIZERS["adamw"]([b])
+    for _ in range(300):
+        b.grad = torch.randn(6, 3, generator=g)
+        optimizer.step()
+    b = _grow(optimizer, b, 1, 2, g)
+    ref, ref_opt = _fresh("adamw", b[:, 3:])
+    for step in range(60):
+        if step == 20:
+            rows = [0, 2, 5]
+            b = _slice(optimizer, b, 0, rows)
+            ref = _slice(ref_opt, ref, 0, rows)
+        grad = torch.randn(b.shape, generator=g)
+        b.grad, ref.grad = grad, grad[:, 3:].clone()
+        optimizer.step()
+        ref_opt.step()
+    torch.testing.assert_close(b.detach()[:, 3:], ref.detach(), atol=1e-6, rtol=0)

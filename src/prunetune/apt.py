@@ -62,10 +62,14 @@ class AptConfig:
         return self.seq_len if self.keep_flops is not None else None
 
     def budget(self, keep: float, reference: float | None = None) -> Budget:
-        """The engine's budget for keeping `keep` of the dense cost, in this config's unit."""
+        """The engine's budget for keeping `keep` of the dense cost, in this config's unit.
+
+        With `hidden`, hidden dims are ranked with heads and neurons by salience per parameter (APT); without
+        prune_hidden the budget had no hidden target, so the salience collected for them removed nothing.
+        """
         if self.keep_flops is not None:
-            return Budget(keep_flops=keep, seq_len=self.seq_len, reference=reference)
-        return Budget(keep_params=keep, reference=reference)
+            return Budget(keep_flops=keep, seq_len=self.seq_len, reference=reference, prune_hidden=self.hidden)
+        return Budget(keep_params=keep, reference=reference, prune_hidden=self.hidden)
 
 
 def cubic_schedule(cfg: AptConfig, total_steps: int) -> dict[int, float]:
@@ -305,9 +309,9 @@ def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfi
         # large decoders: outlier-aware score on a calibration sample, prune once, then tune
         scorer = cfg.scorer or "salience_kurtosis"
         scores = compute(model, sample_loader, scorer, hidden=apt_cfg.hidden)
-        # heads are compared within their layer (L2-normalised), as their raw scores differ by orders of
-        # magnitude between layers of a decoder
-        plan = select(model, scores, apt_cfg.budget(apt_cfg.keep), layer_norm_heads=True)
+        # each layer's scores are L2-normalised (raw scores differ by orders of magnitude between layers of a
+        # decoder), which leaves kinds incomparable: per_layer then rescales each kind to its cost share
+        plan = select(model, scores, apt_cfg.budget(apt_cfg.keep), normalize="per_layer")
         plan.meta["scorer"] = scorer
         apply_plan(model, plan)
         own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident

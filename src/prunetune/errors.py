@@ -9,3 +9,7 @@ class PrunetuneError(Exception):
 
 class PrunetuneWarning(UserWarning):
     """A run that works but whose numbers may mislead (an untrained head, an unknown task)."""
+
+
+class PruningWarning(UserWarning):
+    """A plan that is valid but probably not what was meant (e.g. a layer losing every head)."""

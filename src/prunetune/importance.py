@@ -293,6 +293,11 @@ def _run(model: nn.Module, batches: Iterable[dict], *, hidden: bool, moments: bo
     return abs_sum, signed_sum, sq_sum, tokens, stats
 
 
+# Scores of kinds that are not on one scale say so (Scores.meta["normalize"], read by selection): after a
+# per-layer L2 normalisation a head's and a neuron's score no longer estimate the same loss change.
+INCOMPARABLE_KINDS = {"normalize": "per_kind"}
+
+
 def _mask_scorer(kind: str, normalise: bool):
     def scorer(model: nn.Module, batches: Iterable[dict], *, hidden: bool = False) -> Scores:
         abs_sum, signed_sum, sq_sum, tokens, stats = _run(model, batches, hidden=hidden, moments=False)
@@ -302,9 +307,10 @@ def _mask_scorer(kind: str, normalise: bool):
             vals = {k: v.abs() for k, v in signed_sum.items()}
         else:
             vals = sq_sum
+        scores = stats.to_scores(_normalise_per_layer(vals) if normalise else vals)
         if normalise:
-            vals = _normalise_per_layer(vals)
-        return stats.to_scores(vals)
+            scores.meta.update(INCOMPARABLE_KINDS)
+        return scores
 
     return scorer
 
@@ -331,7 +337,9 @@ def salience_kurtosis(model: nn.Module, batches: Iterable[dict], *, hidden: bool
         # sinks), and a global sum would let a few layers decide everything.
         root_kurt = kurt[k].sqrt()
         combined[k] = s / s.norm().clamp_min(1e-20) + root_kurt / root_kurt.norm().clamp_min(1e-20)
-    return stats.to_scores(combined)
+    scores = stats.to_scores(combined)
+    scores.meta.update(INCOMPARABLE_KINDS)
+    return scores
 
 
 def _norm_rows(w: torch.Tensor, hd: int) -> torch.Tensor:
@@ -344,8 +352,11 @@ def _weight(lin: nn.Module) -> torch.Tensor:
 
 @register("magnitude")
 def magnitude(model: nn.Module, batches: Iterable[dict] | None = None, *, hidden: bool = False) -> Scores:
-    """Data-free: L2 norm of the weights a structure owns (q/k/v rows and o columns; FFN rows and columns)."""
-    out = Scores(meta={})
+    """Data-free: L2 norm of the weights a structure owns (q/k/v rows and o columns; FFN rows and columns).
+
+    Not a loss change: a head's norm and a neuron's are not comparable, so the scores ask for per_kind.
+    """
+    out = Scores(meta=dict(INCOMPARABLE_KINDS))
     for lay in layer_sites(model):
         for site in lay.attentions.values():
             if not site.num_heads:

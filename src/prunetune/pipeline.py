@@ -112,7 +112,8 @@ def run_prune(
             scorer = "magnitude"
             notes.append("no --task: scored with the data-free weight-magnitude criterion")
             scores = compute(net, None, scorer, hidden=hidden)
-        the_plan = select(net, scores, budget)
+        # weight norms of a head and of a neuron are not on one scale; task scorers say so themselves (Scores.meta)
+        the_plan = select(net, scores, budget, normalize="per_kind" if scorer == "magnitude" else None)
         the_plan.meta["scorer"] = scorer
     reference = layer_param_count(net)
     apply_plan(net, the_plan)

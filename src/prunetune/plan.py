@@ -2,20 +2,24 @@
 
 A plan lists, per attention site, the query heads kept; per layer, the FFN neurons kept; and the hidden
 dims kept. Indices are relative to the model the plan is applied to. Nothing here touches weights.
+The ranking is in selection.py and the cost model in costs.py; `select`, `Budget` and the costs are
+importable from here too.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from torch import nn
 
-from prunetune.errors import PrunetuneError
+from prunetune.costs import layer_cost, layer_param_count
+from prunetune.errors import PrunetuneError, PruningWarning
 from prunetune.families import family_of, hidden_size, in_width, layer_sites, unwrap
+from prunetune.selection import Budget, Choice, Normalize, Pool, Unit, resolve_normalize
 
 
 @dataclass
@@ -185,308 +189,108 @@ def kv_groups_kept(kept_heads: list[int], group_size: int) -> dict[int, list[int
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Costs: what one head / KV group / neuron / hidden dim costs in parameters or FLOPs
+# Selection (the ranking itself is in selection.py)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _numel(linear: nn.Module) -> tuple[int, int, bool]:
-    w = linear.weight if hasattr(linear, "weight") else linear.base_layer.weight
-    b = linear.bias if hasattr(linear, "weight") else linear.base_layer.bias
-    return w.shape[0], w.shape[1], b is not None
-
-
-def _base_linear(linear: nn.Module) -> nn.Module:
-    return getattr(linear, "base_layer", linear)
-
-
-def layer_param_count(model: nn.Module) -> int:
-    """Parameters in the prunable layers (attention, FFN and norms of every layer; no embeddings or heads).
-
-    LoRA adapters are not counted: a budget is about the base model.
-    """
-    total = 0
-    for lay in layer_sites(model):
-        total += sum(p.numel() for n, p in lay.module.named_parameters() if "lora_" not in n)
-    return total
-
-
-@dataclass
-class Unit:
-    """A selectable piece of structure: `ids` are kept together; cost in parameters or FLOPs."""
-
-    kind: Literal["heads", "neurons"]
-    key: str
-    ids: list[int]
-    score: float
-    cost: float
-    # a unit that must be kept for this one to be kept (GQA per-group slices keep their rank order, which
-    # makes their costs add up exactly: see _head_units); compared by identity, so excluded from ==
-    after: Unit | None = field(default=None, compare=False, repr=False)
-
-
-def _head_costs(site, hidden_scale: float, flops_seq: int | None) -> tuple[float, float]:
-    """Cost of one query head and of one KV head (k and v rows) of this site."""
-    hd = site.head_dim
-    _, q_in, q_bias = _numel(site.proj("q"))
-    o_out, _, _ = _numel(site.proj("o"))
-    q_in, o_out = q_in * hidden_scale, o_out * hidden_scale
-    per_q = hd * (q_in + q_bias) + hd * o_out
-    k_out, k_in, k_bias = _numel(site.proj("k"))
-    per_kv = 2 * hd * (k_in * hidden_scale + k_bias)
-    if not site.spec.kv_groups_attr:
-        per_q, per_kv = per_q + per_kv, 0.0  # MHA: a head owns its k and v rows
-    if flops_seq:
-        # per token: 2 FLOPs a weight, plus q.k and attn.v over the sequence
-        per_q = 2 * per_q + 4 * flops_seq * hd
-        per_kv = 2 * per_kv
-    return per_q, per_kv
-
-
-def _neuron_cost(ffn, hidden_scale: float, flops_seq: int | None) -> float:
-    cost = 0.0
-    for lin in ffn.inputs:
-        _, n_in, bias = _numel(lin)
-        cost += n_in * hidden_scale + bias
-    out, _, _ = _numel(ffn.output)
-    cost += out * hidden_scale
-    return 2 * cost if flops_seq else cost
-
-
-def layer_cost(model: nn.Module, flops_seq: int | None = None) -> float:
-    """Parameters (or FLOPs per token at `flops_seq`) of the prunable layers, by the same model as selection."""
-    if not flops_seq:
-        return float(layer_param_count(model))
-    total = 0.0
-    for lay in layer_sites(model):
-        for site in lay.attentions.values():
-            if site.num_heads:
-                q, kv = _head_costs(site, 1.0, flops_seq)
-                total += q * site.num_heads + kv * site.num_kv_heads
-        total += _neuron_cost(lay.ffn, 1.0, flops_seq) * lay.ffn.width
-    return total
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Selection
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Budget:
-    """How much to keep. Fractions are in (0, 1]; counts (heads/neurons) may be given as integers > 1."""
-
-    keep_params: float | None = None  # fraction of the prunable layer parameters
-    keep_flops: float | None = None  # fraction of the layers' FLOPs per token at `seq_len`
-    seq_len: int = 128
-    heads_keep: float | None = None  # fraction of heads, or a count when > 1
-    neurons_keep: float | None = None
-    hidden_keep: float | None = None
-    gqa: Literal["per_group", "whole_group"] = "per_group"
-    round_to: int = 1  # keep neuron counts in multiples of this where the budget allows (GPU-friendly)
-    reference: float | None = None  # the dense cost the fractions refer to (default: the live model's)
-
-    def check(self) -> None:
-        for name in ("keep_params", "keep_flops", "hidden_keep"):
-            v = getattr(self, name)
-            if v is not None and not 0 < v <= 1:
-                raise PrunetuneError(f"budget --{name.replace('_', '-')} must be in (0, 1], got {v}")
-        for name in ("heads_keep", "neurons_keep"):
-            v = getattr(self, name)
-            if v is not None and (v <= 0 or (v > 1 and v != int(v))):
-                raise PrunetuneError(f"budget --{name.replace('_', '-')} must be a fraction in (0, 1] or a count")
-        if self.keep_params is not None and self.keep_flops is not None:
-            raise PrunetuneError("give either --keep-params or --keep-flops, not both")
-        if all(
-            getattr(self, n) is None
-            for n in ("keep_params", "keep_flops", "heads_keep", "neurons_keep", "hidden_keep")
-        ):
-            raise PrunetuneError("no budget given: use --keep-params, --heads-keep, --neurons-keep or --hidden-keep")
-
-
-def _normalise_layer(values: list[float]) -> list[float]:
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
-    return [v / norm for v in values]
-
-
-def _head_units(model, scores, budget: Budget, hidden_scale: float, flops_seq, layer_norm: bool) -> list[Unit]:
-    units: list[Unit] = []
-    for lay in layer_sites(model):
-        for site in lay.attentions.values():
-            if not site.num_heads:
-                continue
-            s = list(scores.heads.get(site.key, [1.0] * site.num_heads))
-            if layer_norm:
-                s = _normalise_layer(s)
-            per_q, per_kv = _head_costs(site, hidden_scale, flops_seq)
-            if not site.spec.kv_groups_attr or site.group_size == 1:
-                units += [Unit("heads", site.key, [h], s[h], per_q + per_kv) for h in range(site.num_heads)]
-                continue
-            g = site.group_size
-            groups = [list(range(j * g, (j + 1) * g)) for j in range(site.num_kv_heads)]
-            if budget.gqa == "whole_group":
-                for grp in groups:
-                    units.append(Unit("heads", site.key, grp, sum(s[h] for h in grp), g * per_q + per_kv))
-            else:
-                # slice r takes the r-th best query head of every group: groups stay equal in size.
-                # The KV rows are only freed when every slice goes, so the first slice carries them and
-                # slice r can only be kept after slice r - 1: the costs of kept slices then add up exactly.
-                # (They used to be spread evenly over the slices, which under-counted any layer keeping
-                # some but not all slices: --keep-flops plans exceeded their budget, and --keep-params
-                # plans fell far below it once the correction loop below dropped units to compensate.)
-                ranked = [sorted(grp, key=lambda h: -s[h]) for grp in groups]
-                before = None
-                for r in range(g):
-                    ids = sorted(rk[r] for rk in ranked)
-                    cost = len(groups) * (per_q + (per_kv if r == 0 else 0.0))
-                    before = Unit("heads", site.key, ids, sum(s[h] for h in ids), cost, after=before)
-                    units.append(before)
-    return units
-
-
-def _neuron_units(model, scores, budget: Budget, hidden_scale: float, flops_seq) -> list[Unit]:
-    units: list[Unit] = []
-    for lay in layer_sites(model):
-        n = lay.ffn.width
-        if not n:
-            continue
-        s = list(scores.neurons.get(lay.key, [1.0] * n))
-        cost = _neuron_cost(lay.ffn, hidden_scale, flops_seq)
-        order = sorted(range(n), key=lambda i: -s[i])
-        step = max(1, budget.round_to)
-        for start in range(0, n, step):
-            ids = order[start : start + step]
-            units.append(Unit("neurons", lay.key, ids, sum(s[i] for i in ids), cost * len(ids)))
-    return units
-
-
-def _top_count(units: list[Unit], keep: float, total: int) -> list[Unit]:
-    """The best units covering `keep` of `total` structures (a fraction, or a count when > 1)."""
-    target = round(keep * total) if keep <= 1 else int(keep)
-    if target > total:
-        raise PrunetuneError(f"budget keeps {target} but the model has only {total}")
-    chosen, count = [], 0
-    for u in sorted(units, key=lambda u: -u.score):
-        if count + len(u.ids) <= target:
-            chosen.append(u)
-            count += len(u.ids)
-    return chosen
-
-
-def _normalise_kind(units: list[Unit]) -> None:
-    """Put a kind's scores on a common scale: an average unit's score equals its cost share."""
-    total_s = sum(u.score for u in units)
-    total_c = sum(u.cost for u in units)
-    if total_s <= 0 or total_c <= 0:
-        return
-    for u in units:
-        u.score = u.score / total_s * total_c
-
-
-def _knapsack(units: list[Unit], capacity: float, required: list[Unit]) -> list[Unit]:
-    """Greedy by score per cost; units of a layer stay in their rank order (APT's and Kwon's selection)."""
-    chosen = list(required)
-    taken = {id(u) for u in chosen}
-    spent = sum(u.cost for u in chosen)
-    waiting: dict[int, list[Unit]] = {}  # units whose `after` unit is not taken yet, by that unit
-
-    def take(u: Unit) -> None:
-        nonlocal spent
-        chosen.append(u)
-        taken.add(id(u))
-        spent += u.cost
-        # a unit that came earlier in the order (better ratio) but had to wait for this one
-        for nxt in waiting.pop(id(u), []):
-            if spent + nxt.cost <= capacity + 1e-6:
-                take(nxt)
-
-    for u in sorted(units, key=lambda u: -(u.score / u.cost if u.cost else math.inf)):
-        if u.after is not None and id(u.after) not in taken:
-            waiting.setdefault(id(u.after), []).append(u)
-        elif spent + u.cost <= capacity + 1e-6:
-            take(u)
-    return chosen
-
-
-def select(model: nn.Module, scores, budget: Budget, *, layer_norm_heads: bool = False) -> PruningPlan:
+def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | None = None) -> PruningPlan:
     """Choose what to keep from `scores` (see importance.Scores) so that the budget holds.
 
     Counts (`heads_keep`, `neurons_keep`, `hidden_keep`) pick the best structures of that kind; a
-    parameter or FLOPs budget picks heads and neurons together by score per cost, so the split between
-    attention and FFN comes from the task, not from a fixed ratio.
+    parameter or FLOPs budget picks heads and neurons (and hidden dims, with `prune_hidden`) together by
+    score per cost, so the split between attention, FFN and width comes from the task, not from a fixed
+    ratio. `normalize` ("none", "per_kind", "per_layer"; default: the scorer's `Scores.meta["normalize"]`,
+    else "none") makes kinds comparable when the scorer's are not; see selection.py. The plan's meta
+    records the normalisation, the target and the measured cost, and `warnings` (also raised as
+    PruningWarning) names every layer that loses all its heads or neurons.
     """
     budget.check()
+    mode, source = resolve_normalize(normalize, scores)
     fam = family_of(unwrap(model))
-    hidden_now = hidden_size(model)
-    hidden_kept: list[int] | None = None
-    if budget.hidden_keep is not None and budget.hidden_keep < 1:
-        n_keep = max(1, round(budget.hidden_keep * hidden_now))
-        h_scores = list(scores.hidden or [1.0] * hidden_now)
-        hidden_kept = sorted(sorted(range(hidden_now), key=lambda i: -h_scores[i])[:n_keep])
-    hidden_scale = (len(hidden_kept) / hidden_now) if hidden_kept else 1.0
-    flops_seq = budget.seq_len if budget.keep_flops is not None else None
-
-    head_units = _head_units(model, scores, budget, hidden_scale, flops_seq, layer_norm_heads)
-    neuron_units = _neuron_units(model, scores, budget, hidden_scale, flops_seq)
-    sites = [s for lay in layer_sites(model) for s in lay.attentions.values()]
-    total_heads = sum(s.num_heads for s in sites)
-    total_neurons = sum(lay.ffn.width for lay in layer_sites(model))
-
-    fixed_heads = budget.heads_keep is not None
-    fixed_neurons = budget.neurons_keep is not None
-    chosen_heads = _top_count(head_units, budget.heads_keep, total_heads) if fixed_heads else head_units
-    chosen_neurons = (
-        _top_count(neuron_units, budget.neurons_keep, total_neurons) if fixed_neurons else neuron_units
-    )
     fraction = budget.keep_params if budget.keep_params is not None else budget.keep_flops
-    reference = 0.0
-    meta: dict = {"budget": asdict(budget)}
-    if fraction is not None:
-        current = layer_cost(model, flops_seq)
-        reference = budget.reference or current  # APT: fractions of the dense model, pruned step by step
-        # what no selection can remove: norms and output biases (params); nothing (FLOPs)
-        units_cost = sum(u.cost for u in head_units + neuron_units)
-        fixed = 0.0 if flops_seq else max(current * hidden_scale - units_cost, 0.0)
-        capacity = fraction * reference - fixed
-        required = (chosen_heads if fixed_heads else []) + (chosen_neurons if fixed_neurons else [])
-        free = [u for u in head_units if not fixed_heads] + [u for u in neuron_units if not fixed_neurons]
-        _normalise_kind([u for u in free if u.kind == "heads"])
-        _normalise_kind([u for u in free if u.kind == "neurons"])
-        chosen = _knapsack(free, capacity - sum(u.cost for u in required), [])
-        chosen_heads = [u for u in required + chosen if u.kind == "heads"]
-        chosen_neurons = [u for u in required + chosen if u.kind == "neurons"]
-        meta["target_cost"] = fraction * reference
-        meta["kept_cost"] = fixed + sum(u.cost for u in chosen_heads + chosen_neurons)  # estimate
-        meta["reference_cost"] = reference
-        meta["cost_kind"] = "flops" if flops_seq else "params"
-
-    def build(heads: list[Unit], neurons: list[Unit]) -> PruningPlan:
-        plan = PruningPlan(family=fam.name, hidden=hidden_kept, meta=meta)
-        for s in sites:
-            plan.heads[s.key] = sorted(h for u in heads if u.key == s.key for h in u.ids)
-        for lay in layer_sites(model):
-            if lay.ffn.width:
-                plan.neurons[lay.key] = sorted(i for u in neurons if u.key == lay.key for i in u.ids)
-        return plan
-
-    plan = build(chosen_heads, chosen_neurons)
-    if fraction is not None:
-        # The unit costs are exact per unit, but KV rows and shared biases make a layer's total slightly
-        # non-additive: measure the real count and drop the weakest free units until the budget holds.
-        # (FLOPs too: this check used to run for parameter budgets only, and a --keep-flops plan of a GQA
-        # model could keep more than asked, as per-group slices spread KV costs that stay until the last goes.)
+    flops_seq = budget.seq_len if budget.keep_flops is not None else None
+    pool = Pool(model, scores, budget, mode, flops_seq)
+    meta: dict = {"budget": asdict(budget), "normalize": mode, "normalize_from": source}
+    if fraction is None:
+        plan = _build(model, fam.name, pool.by_counts(), meta)
+    else:
+        reference = budget.reference or layer_cost(model, flops_seq)  # APT: fractions of the dense model
         target = fraction * reference
-        droppable = sorted(
-            [u for u in chosen_heads if not fixed_heads] + [u for u in chosen_neurons if not fixed_neurons],
-            key=lambda u: u.score / u.cost if u.cost else math.inf,
-        )
-        while (kept := planned_cost(model, plan, flops_seq)) > target * (1 + 1e-9) and droppable:
-            weakest = droppable.pop(0)
-            chosen_heads = [u for u in chosen_heads if u is not weakest]
-            chosen_neurons = [u for u in chosen_neurons if u is not weakest]
-            plan = build(chosen_heads, chosen_neurons)
-        meta["kept_cost"] = kept
+        fixed = (0.0, 0.0) if flops_seq else _fixed_cost(model)  # FLOPs: norms and biases are not counted
+        choice = pool.by_cost(target, fixed, reference)
+        hidden_kept = len(choice.hidden) if choice.hidden is not None else hidden_size(model)
+        meta.update({
+            "target_cost": target, "reference_cost": reference, "cost_kind": "flops" if flops_seq else "params",
+            "estimated_cost": fixed[0] + fixed[1] * hidden_kept + sum(u.cost for u in choice.units),
+        })
+        plan = _hold(model, fam.name, choice, meta, target, flops_seq)
+    emptied = _emptied(model, plan)
+    if emptied:
+        plan.meta["warnings"] = emptied
+        warnings.warn("pruning plan empties " + "; ".join(emptied), PruningWarning, stacklevel=2)
     plan.shapes = model_shapes(model)
     return plan
+
+
+def _build(model: nn.Module, family: str, choice: Choice, meta: dict) -> PruningPlan:
+    kept: dict[tuple[str, str], list[int]] = {}
+    for u in choice.units:
+        kept.setdefault((u.kind, u.key), []).extend(u.ids)
+    plan = PruningPlan(family=family, hidden=choice.hidden, meta=meta)
+    for lay in layer_sites(model):
+        for s in lay.attentions.values():
+            plan.heads[s.key] = sorted(kept.get(("heads", s.key), []))
+        if lay.ffn.width:
+            plan.neurons[lay.key] = sorted(kept.get(("neurons", lay.key), []))
+    return plan
+
+
+def _fixed_cost(model: nn.Module) -> tuple[float, float]:
+    """Parameters no choice of heads and neurons removes (norms, output biases, T5's position bias), measured
+    on weightless copies with every head and neuron removed: (constant, per hidden dim kept)."""
+    layers = layer_sites(model)
+    nothing = PruningPlan(
+        family_of(unwrap(model)).name,
+        heads={s.key: [] for lay in layers for s in lay.attentions.values() if s.num_heads},
+        neurons={lay.key: [] for lay in layers if lay.ffn.width},
+    )
+    width = hidden_size(model)
+    full = planned_cost(model, nothing)
+    if width == 1:
+        return full, 0.0
+    nothing.hidden = [0]
+    per_dim = (full - planned_cost(model, nothing)) / (width - 1)
+    return full - per_dim * width, per_dim
+
+
+def _hold(model: nn.Module, family: str, choice: Choice, meta: dict, target: float, flops_seq) -> PruningPlan:
+    """The plan of `choice`, its cost measured on a weightless copy; should a family's costs not add up
+    exactly, the weakest chosen units (the last of their chain) go until the budget holds."""
+    plan = _build(model, family, choice, meta)
+    kept = planned_cost(model, plan, flops_seq)
+    position = {id(u): ci for ci, chain in enumerate(choice.free_chains) for u in chain}
+    ids = {id(u) for u in choice.units}
+    tails = {ci: [u for u in chain if id(u) in ids] for ci, chain in enumerate(choice.free_chains)}
+    while kept > target * (1 + 1e-9) and any(tails.values()):
+        weakest = min((t[-1] for t in tails.values() if t), key=lambda u: u.score / u.cost if u.cost else math.inf)
+        tails[position[id(weakest)]].pop()
+        choice.units = [u for u in choice.units if u is not weakest]
+        plan = _build(model, family, choice, meta)
+        kept = planned_cost(model, plan, flops_seq)
+    meta["kept_cost"] = kept
+    return plan
+
+
+def _emptied(model: nn.Module, plan: PruningPlan) -> list[str]:
+    """The layers the plan takes every head or every FFN neuron from (that still had some)."""
+    out = []
+    for lay in layer_sites(model):
+        for site in lay.attentions.values():
+            if site.num_heads and plan.heads.get(site.key) == []:
+                out.append(f"{site.key}: every attention head removed")
+        if lay.ffn.width and plan.neurons.get(lay.key) == []:
+            out.append(f"{lay.key}: every FFN neuron removed")
+    return out
 
 
 def _pruned_shadow(model: nn.Module, plan: PruningPlan) -> nn.Module:
@@ -550,5 +354,6 @@ def model_info(model: nn.Module) -> dict:
 
 
 __all__ = [
-    "Budget", "PruningPlan", "Unit", "in_width", "kv_groups_kept", "layer_cost", "model_info", "model_shapes", "select",
+    "Budget", "PruningPlan", "Unit", "in_width", "kv_groups_kept", "layer_cost", "layer_param_count", "model_info",
+    "model_shapes", "planned_cost", "planned_param_count", "select",
 ]

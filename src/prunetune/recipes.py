@@ -280,7 +280,7 @@ PRUNE_LORA_HEADS_KEEP = 100 / 144  # the Pruning-Adapter paper's setting: 100 of
 def _run_prune_lora(cfg, model, train_loader, evaluate, log_path, sample_loader) -> MethodResult:
     scores = compute(model, sample_loader, "head_grad")
     heads_keep = cfg.heads_keep if cfg.heads_keep is not None else PRUNE_LORA_HEADS_KEEP
-    plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.neurons_keep), layer_norm_heads=True)
+    plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.neurons_keep), normalize="per_layer")
     apply_plan(model, plan)
     own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident
     blocks = block_scores(scores)
