@@ -1,0 +1,29 @@
+"""Layers x heads heat maps of scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prunetune.importance.scores import Scores
+
+
+def heatmap(scores: list[Scores], titles: list[str], path: str | Path) -> Path:
+    """Layers x heads heat map(s), side by side, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.5 * len(scores), 4), squeeze=False)
+    for ax, s, title in zip(axes[0], scores, titles, strict=True):
+        keys, mat = s.head_matrix()
+        im = ax.imshow(np.array(mat, dtype=float), aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(keys)), keys, fontsize=7)
+        ax.set_xlabel("head")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
