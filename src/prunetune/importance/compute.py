@@ -31,6 +31,7 @@ def compute(model: nn.Module, batches: Iterable[dict] | None, scorer: str = "hea
         raise PrunetuneError(f"scorer {scorer!r} needs task data")
     how = info.normalize if normalize is None else normalize
     scores = fn(top, batches, hidden=hidden, **options)
+    recorded = {"hidden": hidden, **scorer_options(scorer), **options}
     scores.meta = {**scores.meta, "scorer": scorer, "unit": info.unit, "comparable": info.comparable,
-                   "normalize": "none", "options": {"hidden": hidden, **options}}
+                   "normalize": "none", "options": recorded}
     return normalised(scores, how)

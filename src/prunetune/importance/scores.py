@@ -141,10 +141,10 @@ def get_scorer(name: str) -> Callable[..., Scores]:
     return SCORERS[name]
 
 
-def scorer_options(name: str) -> list[str]:
-    """The keyword options a scorer takes (besides `hidden`)."""
+def scorer_options(name: str) -> dict:
+    """The keyword options a scorer takes (besides `hidden`), with their defaults."""
     params = inspect.signature(get_scorer(name)).parameters.values()
-    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "hidden"]
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "hidden"}
 
 
 # ---------------------------------------------------------------------------------------------------------
