@@ -49,8 +49,11 @@ class StackSpec:
     layers: str  # the ModuleList, relative to the base model
     attentions: tuple[AttentionSpec, ...]
     ffn: FFNSpec
-    norms: tuple[str, ...]  # norms of width `hidden` inside each layer
+    # norms of width `hidden` inside each layer, one per sublayer (attention blocks, then the FFN): its input
+    # norm (pre-norm stacks) or the norm of its residual sum (post-norm, `post_norm`)
+    norms: tuple[str, ...]
     final_norm: str | None = None  # relative to the base model
+    post_norm: bool = False  # BERT: norm(residual + sublayer); LLaMA, T5: residual + sublayer(norm(residual))
     token_mask: str = "attention_mask"  # the batch entry marking this stack's real (unpadded) tokens
 
 
@@ -111,6 +114,7 @@ _BERT_STACK = StackSpec(
     attentions=(_BERT_ATTN,),
     ffn=FFNSpec(inputs=("intermediate.dense",), output="output.dense"),
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
+    post_norm=True,
 )
 
 _BERT_LIKE = dict(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.families import family_of, layer_sites, unwrap
+from prunetune.families import family_of, layer_input, layer_output, layer_sites, unwrap
 from prunetune.importance.activation_scorers import ChannelStats, effective_weight
 from prunetune.importance.mask_scorers import MaskGradients, mask_gradients
 from prunetune.importance.passes import Stop, TokenRows, each_batch, run_until_stop, scoring, stack_mask_keys
@@ -242,35 +242,59 @@ def plan_masks(model: nn.Module, plan: PruningPlan) -> Masks:
     return masks
 
 
-def _capture(model: nn.Module, batch: dict, proj: nn.Module, *, output: bool) -> torch.Tensor:
-    """The projection's output (or input) on one batch; the forward pass stops there."""
-    got: list[torch.Tensor] = []
-    if output:
-        def hook(module, args, out):
-            got.append(out.detach())
+def _residual_points(lay, index: int) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]]:
+    """Where sublayer `index` of a layer (attention blocks, then the FFN) reads the residual stream it adds to,
+    and where the sum (residual + its output) can be read: the layer's input and output and its norms'
+    inputs (pre-norm: each sublayer's own norm reads the stream before it) or outputs (post-norm)."""
+    norms = lay.norms
+    if lay.stack.post_norm:
+        before = ("layer_in", lay.module) if index == 0 else ("out", norms[index - 1])
+        return before, ("in", norms[index])
+    after = ("in", norms[index + 1]) if index + 1 < len(norms) else ("layer_out", lay.module)
+    return ("in", norms[index]), after
+
+
+def _capture(model: nn.Module, batch: dict, points: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
+    """What the model has at each point on one batch; the forward pass stops at the last one."""
+    got: dict[int, torch.Tensor] = {}
+    last = len(points) - 1
+    handles = []
+
+    def keep(i: int, value: torch.Tensor) -> None:
+        got[i] = value.detach()
+        if i == last:
             raise Stop
-        handle = proj.register_forward_hook(hook)
-    else:
-        def hook(module, args):
-            got.append(args[0].detach())
-            raise Stop
-        handle = proj.register_forward_pre_hook(hook)
+
+    for i, (kind, module) in enumerate(points):
+        if kind == "in":
+            handles.append(module.register_forward_pre_hook(lambda m, args, i=i: keep(i, args[0])))
+        elif kind == "out":
+            handles.append(module.register_forward_hook(lambda m, args, out, i=i: keep(i, out)))
+        elif kind == "layer_in":
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, i=i: keep(i, layer_input(args, kwargs)), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(lambda m, args, out, i=i: keep(i, layer_output(out))))
     try:
         run_until_stop(model, batch)
     finally:
-        handle.remove()
-    return got[0]
+        for h in handles:
+            h.remove()
+    return [got[i] for i in range(len(points))]
 
 
-def _solve_scales(model: nn.Module, batches: list[dict], proj: nn.Module, kept: list[int], width: int,
+def _solve_scales(model: nn.Module, batches: list[dict], proj: nn.Module, points, kept: list[int], width: int,
                   masks: Masks, hidden_rows: torch.Tensor | None, rows: TokenRows, mask_key: str,
                   damp: float) -> torch.Tensor:
-    """Scales s for the kept units minimising sum over tokens |sum_k s_k W_k x_k + b - y_dense|^2.
+    """Scales s for the kept units: over the sample's tokens, least squares of
+    sum_k s_k W_k x_k + b  against  dense (residual + sublayer) - pruned residual  (Kwon et al.).
 
-    x: the student's (pruned, earlier layers rescaled) input to the projection; y_dense: the dense model's
-    output. Normal equations from X'X and W'W (no per-unit output is ever materialised); a ridge of
-    `damp` x mean diagonal pulls towards s = 1 where the sample says little.
+    x: the pruned model's input to the projection (earlier blocks already rescaled); the target asks the
+    block to restore the dense residual sum, absorbing what earlier blocks lost. Normal equations from X'X
+    and W'W (no per-unit output is materialised); a ridge of `damp` x the mean diagonal pulls towards
+    s = 1 where the sample says little.
     """
+    before, after = points
     chan = _channels(kept, width)
     w = effective_weight(proj).double()
     bias = _base(proj).bias
@@ -282,14 +306,15 @@ def _solve_scales(model: nn.Module, batches: list[dict], proj: nn.Module, kept: 
     xty = torch.zeros(len(chan), dtype=torch.float64, device=w.device)
     for batch in batches:
         rows.set(batch)
-        y = rows(_capture(model, batch, proj, output=True), mask_key).double()
+        (dense_sum,) = _capture(model, batch, [after])
         with attach(model, masks):
-            x = rows(_capture(model, batch, proj, output=False), mask_key).double()
+            residual, x = _capture(model, batch, [before, ("in", proj)])
+        target = rows(dense_sum, mask_key).double() - rows(residual, mask_key).double()
         if hidden_rows is not None:
-            y = y[:, hidden_rows.to(y.device)]
-        x = x[:, chan.to(x.device)]
+            target = target[:, hidden_rows.to(target.device)]
+        x = rows(x, mask_key).double()[:, chan.to(x.device)]
         xtx += x.t() @ x
-        xty += (x * ((y - b) @ wk)).sum(0)
+        xty += (x * ((target - b) @ wk)).sum(0)
     k = len(kept)
     gram = (xtx * (wk.t() @ wk)).view(k, width, k, width).sum((1, 3))
     rhs = xty.view(k, width).sum(1)
@@ -312,9 +337,9 @@ def _fold_scales(proj: nn.Module, chan: torch.Tensor, scale: torch.Tensor) -> No
 def kwon_rescale(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], *, damp: float = 1e-4,
                  max_scale: float = 10.0) -> dict[str, list[float]]:
     """Kwon et al.'s rescaling: per narrowed attention block and FFN, in forward order, least-squares scale
-    factors for the kept heads/neurons so that the pruned block's output matches the dense block's on the
-    sample (the student's inputs already carry the earlier blocks' scales); folded into the output
-    projection's columns. Call before ``apply_plan``.
+    factors for the kept heads/neurons so that the pruned model's residual sum after the block matches the
+    dense model's on the sample (the pruned model's inputs already carry the earlier blocks' scales); folded
+    into the output projection's columns. Call before ``apply_plan``.
 
     As in Kwon et al.'s code, a solve with a scale beyond ±`max_scale` (or not finite) stops the
     procedure there: that block and the later ones keep scale 1. Returns the scales (keys: attention site
@@ -333,14 +358,14 @@ def kwon_rescale(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], *
     with scoring(model), torch.no_grad():
         for lay in layer_sites(model):
             blocks = [(s.key, s.proj("o"), s.num_heads, s.head_dim, plan.heads.get(s.key), masks.heads, s.key)
-                      for s in lay.attentions.values() if s.num_heads]
+                      for s in lay.attentions.values()]
             blocks.append(("ffn:" + lay.key, lay.ffn.output, lay.ffn.width, 1, plan.neurons.get(lay.key),
                            masks.neurons, lay.key))
-            for key, proj, units, width, kept, store, mask_name in blocks:
+            for index, (key, proj, units, width, kept, store, mask_name) in enumerate(blocks):
                 if stopped or kept is None or len(kept) in (0, units):
                     continue
-                s = _solve_scales(model, batches, proj, kept, width, masks, hidden_rows, rows,
-                                  mask_key[lay.key], damp)
+                s = _solve_scales(model, batches, proj, _residual_points(lay, index), kept, width, masks,
+                                  hidden_rows, rows, mask_key[lay.key], damp)
                 if not torch.isfinite(s).all() or float(s.abs().max()) > max_scale:
                     stopped = key
                     continue
