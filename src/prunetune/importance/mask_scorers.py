@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from prunetune.families import layer_sites
-from prunetune.importance.passes import each_batch, loss_of, scoring
+from prunetune.importance.passes import batch_size, each_batch, loss_of, scoring
 from prunetune.importance.scores import FIRST_ORDER, FISHER, Scores, register, scores_from
 from prunetune.masks import Masks, attach
 
@@ -82,7 +82,7 @@ def mask_gradients(model: nn.Module, batches: Iterable[dict] | None, *, hidden: 
     kept: dict[str, list[torch.Tensor]] = {}
     with scoring(model):
         for batch in each_batch(model, batches):
-            size = batch["input_ids"].shape[0]
+            size = batch_size(batch)
             masks = Masks.ones(model, hidden=hidden, requires_grad=True, batch=size)
             with attach(model, masks):
                 loss_of(model, batch).backward()

@@ -50,6 +50,14 @@ def each_batch(model: nn.Module, batches: Iterable[dict] | None) -> Iterator[dic
         raise PrunetuneError("importance needs data, but the data set is empty")
 
 
+def batch_size(batch: dict) -> int:
+    """Examples in a batch (its input ids' first dim, or any tensor's)."""
+    first = batch.get("input_ids")
+    if first is None:
+        first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    return int(first.shape[0])
+
+
 def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
     out = model(**batch)
     if getattr(out, "loss", None) is None:

@@ -47,7 +47,8 @@ class Scores:
       normalised scores: selection must then not mix kinds without an explicit normalisation of its own;
     - ``"normalize"``: ``"none"``, ``"layer"`` (each site's heads, each layer's neurons, the hidden dims and
       the layers dict scaled to unit L2 norm) or ``"kind"`` (all heads together, all neurons, ...);
-    - ``"raw"``: with a normalisation, the unnormalised heads/neurons/hidden/layers (see :meth:`raw`);
+    - ``"raw"``: with a normalisation, the unnormalised heads/neurons/hidden/layers (see :meth:`raw`), and
+      ``"comparable_raw"``: whether those raw scores are comparable;
     - ``"scorer"`` and ``"options"`` (every option the scorer ran with, ``hidden`` included).
     """
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from prunetune.errors import PrunetuneError
 from prunetune.families import all_norms, layer_sites
-from prunetune.importance.scores import Scores, scores_from
+from prunetune.importance.scores import FISHER, PROXY, Scores, scores_from
 
 
 class ActivationStats:
@@ -156,4 +156,14 @@ class ActivationStats:
         self._handles = []
 
     def to_scores(self, extra: dict[str, torch.Tensor] | None = None) -> Scores:
-        return scores_from(extra if extra is not None else self.salience)
+        """The accumulated signal (or `extra`) as Scores, with the meta keys selection reads.
+
+        The fisher signal is the empirical Fisher of the batch-mean loss summed over steps: a loss-change
+        estimate up to one factor shared by heads and neurons, so they compare (hidden dims approximately:
+        read at the norm outputs, it leaves out the norm statistics' share of the hidden mask's gradient).
+        """
+        scores = scores_from(extra if extra is not None else self.salience)
+        fisher = self.signal == "fisher" and extra is None
+        scores.meta = {"scorer": f"activations:{self.signal}", "unit": FISHER if fisher else PROXY,
+                       "comparable": fisher, "normalize": "none", "options": {"ema": self.ema}}
+        return scores
