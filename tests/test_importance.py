@@ -365,7 +365,8 @@ def test_scores_save_and_load(tmp_path):
 def test_heatmap_png(tmp_path):
     a = compute(tiny("t5"), None, "magnitude")  # 7 sites of 4 heads
     b = compute(tiny("llama"), None, "magnitude")
-    path = heatmap([a, b], ["t5", "llama"], tmp_path / "heads.png")
+    c = compute(tiny("llama"), labelled_batches("llama"), "block_influence")  # layers only
+    path = heatmap([a, b, c], ["t5", "llama", "llama layers"], tmp_path / "heads.png")
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
     keys, matrix = a.head_matrix("decoder")
