@@ -33,6 +33,11 @@ def _channels(units: list[int], width: int) -> torch.Tensor:
     return torch.tensor([u * width + j for u in units for j in range(width)], dtype=torch.long)
 
 
+def _removed(n: int, kept: list[int]) -> list[int]:
+    keep = set(kept)
+    return [i for i in range(n) if i not in keep]
+
+
 def _base(linear: nn.Module) -> nn.Module:
     return getattr(linear, "base_layer", linear)
 
@@ -107,11 +112,11 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: ChannelStats | dict[s
             kept = plan.heads.get(site.key)
             if kept is None or not site.num_heads or len(kept) == site.num_heads:
                 continue
-            removed = [h for h in range(site.num_heads) if h not in set(kept)]
+            removed = _removed(site.num_heads, kept)
             _fold_mean(model, site.proj("o"), _channels(removed, site.head_dim), means[site.key], "attention")
         kept = plan.neurons.get(lay.key)
         if kept is not None and lay.ffn.width and len(kept) != lay.ffn.width:
-            removed = [j for j in range(lay.ffn.width) if j not in set(kept)]
+            removed = _removed(lay.ffn.width, kept)
             _fold_mean(model, lay.ffn.output, _channels(removed, 1), means["ffn:" + lay.key], "ffn")
     plan.meta["bias_compensation"] = True
 
@@ -153,11 +158,9 @@ def rearrange_units(grads: torch.Tensor, kept: list[int]) -> list[int]:
         drop = int(torch.argmin(crit))
         total -= g[:, removed[drop]]
         del removed[drop]
-    given = [i for i in range(n) if i not in set(kept)]
-    if block_fisher(g, removed) >= block_fisher(g, given):
+    if block_fisher(g, removed) >= block_fisher(g, _removed(n, kept)):
         return list(kept)
-    gone = set(removed)
-    return [i for i in range(n) if i not in gone]
+    return _removed(n, removed)
 
 
 def _rearrange_heads(site, kept: list[int], grads: torch.Tensor) -> list[int]:
@@ -176,11 +179,6 @@ def _rearrange_heads(site, kept: list[int], grads: torch.Tensor) -> list[int]:
         local = rearrange_units(grads[:, g * gs : (g + 1) * gs], [h - g * gs for h in members])
         out.extend(g * gs + h for h in local)
     return sorted(out)
-
-
-def _removed(n: int, kept: list[int]) -> list[int]:
-    keep = set(kept)
-    return [i for i in range(n) if i not in keep]
 
 
 def kwon_rearrange(model: nn.Module, plan: PruningPlan, batches: Iterable[dict] | None = None, *,
@@ -357,22 +355,23 @@ def kwon_rescale(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], *
     stopped = None
     with scoring(model), torch.no_grad():
         for lay in layer_sites(model):
-            blocks = [(s.key, s.proj("o"), s.num_heads, s.head_dim, plan.heads.get(s.key), masks.heads, s.key)
-                      for s in lay.attentions.values()]
+            blocks = [(a.key, a.proj("o"), a.num_heads, a.head_dim, plan.heads.get(a.key), masks.heads, a.key)
+                      for a in lay.attentions.values()]
             blocks.append(("ffn:" + lay.key, lay.ffn.output, lay.ffn.width, 1, plan.neurons.get(lay.key),
                            masks.neurons, lay.key))
             for index, (key, proj, units, width, kept, store, mask_name) in enumerate(blocks):
                 if stopped or kept is None or len(kept) in (0, units):
                     continue
-                s = _solve_scales(model, batches, proj, _residual_points(lay, index), kept, width, masks,
-                                  hidden_rows, rows, mask_key[lay.key], damp)
-                if not torch.isfinite(s).all() or float(s.abs().max()) > max_scale:
+                scale = _solve_scales(model, batches, proj, _residual_points(lay, index), kept, width, masks,
+                                      hidden_rows, rows, mask_key[lay.key], damp)
+                if not torch.isfinite(scale).all() or float(scale.abs().max()) > max_scale:
                     stopped = key
                     continue
+                # later blocks are fitted on the pruned model with this block's scales in place
                 idx = torch.tensor(kept, dtype=torch.long, device=store[mask_name].device)
-                store[mask_name][idx] = s.to(store[mask_name].device, store[mask_name].dtype)
-                scales[key] = s
-                folds.append((proj, _channels(kept, width), s.repeat_interleave(width)))
+                store[mask_name][idx] = scale.to(store[mask_name].device, store[mask_name].dtype)
+                scales[key] = scale
+                folds.append((proj, _channels(kept, width), scale.repeat_interleave(width)))
     for proj, chan, s in folds:
         _fold_scales(proj, chan, s)
     plan.meta["kwon_rescale"] = {"rescaled": list(scales), "stopped_at": stopped}
