@@ -202,9 +202,13 @@ def kwon_rearrange(model: nn.Module, plan: PruningPlan, batches: Iterable[dict] 
             if kept is None or site.key not in per_example:
                 continue
             g = per_example[site.key].double()
-            new.heads[site.key] = _rearrange_heads(site, kept, g)
-            before += block_fisher(g, _removed(site.num_heads, kept))
-            after += block_fisher(g, _removed(site.num_heads, new.heads[site.key]))
+            was = block_fisher(g, _removed(site.num_heads, kept))
+            heads = _rearrange_heads(site, kept, g)
+            now = block_fisher(g, _removed(site.num_heads, heads))
+            if now >= was:  # groups rearranged one by one ignore the terms between groups: keep the plan's
+                heads, now = list(kept), was
+            new.heads[site.key] = heads
+            before, after = before + was, after + now
         kept = plan.neurons.get(lay.key)
         key = "ffn:" + lay.key
         if kept is not None and key in per_example:
