@@ -417,7 +417,8 @@ def test_a_truncated_checkpoint_is_one_line(cli_ws, tmp_path):
     weights = broken / "model.safetensors"
     for size in (weights.stat().st_size // 2, 5):  # weights cut short; a header cut short
         weights.write_bytes(weights.read_bytes()[:size])
-        for args in (["info", broken], ["evaluate", broken, "--task", "sst2", "--data", cli_ws / "data", "--max-length", "32"],
+        for args in (["info", broken],
+                     ["evaluate", broken, "--task", "sst2", "--data", cli_ws / "data", "--max-length", "32"],
                      ["prune", broken, "--keep-params", "0.5", "--out", tmp_path / "out"]):
             rc, lines = run_cli(*args)
             assert_one_error_line(rc, lines, "cannot load model")

@@ -90,3 +90,23 @@ def test_zero_head_mask_equals_zeroed_output_projection(family):
     with torch.no_grad():
         site.proj("o").weight[:, site.head_dim : 2 * site.head_dim] = 0
     torch.testing.assert_close(masked, logits(model, inputs), atol=1e-6, rtol=0)
+
+
+def test_per_example_mask_rows_act_on_their_own_example(family):
+    """A (batch, units) mask: each example's output equals that example run alone under its own row."""
+    model = tiny(family)
+    inputs = tiny_inputs(family)
+    plan = make_plan(family, model, "all")
+    pruned = masks_for(model, plan)
+    ones = Masks.ones(model, hidden=True)
+    batch = inputs["input_ids"].shape[0]
+    rows = Masks.ones(model, hidden=True, batch=batch)  # example 1 pruned, the others dense
+    rows.heads = {k: torch.stack([ones.heads[k], pruned.heads[k], ones.heads[k]]) for k in rows.heads}
+    rows.neurons = {k: torch.stack([ones.neurons[k], pruned.neurons[k], ones.neurons[k]]) for k in rows.neurons}
+    rows.hidden = torch.stack([ones.hidden, pruned.hidden, ones.hidden])
+    with attach(model, rows):
+        mixed = logits(model, inputs)
+    for i, masks in enumerate([ones, pruned, ones]):
+        alone = {k: v[i : i + 1] for k, v in inputs.items()}
+        with attach(model, masks):
+            torch.testing.assert_close(mixed[i : i + 1], logits(model, alone), atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ model through :func:`layer_sites`, :func:`hidden_sites` and the :class:`Family` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,8 +53,12 @@ class StackSpec:
     layers: str  # the ModuleList, relative to the base model
     attentions: tuple[AttentionSpec, ...]
     ffn: FFNSpec
-    norms: tuple[str, ...]  # norms of width `hidden` inside each layer
+    # norms of width `hidden` inside each layer, one per sublayer (attention blocks, then the FFN): its input
+    # norm (pre-norm stacks) or the norm of its residual sum (post-norm, `post_norm`)
+    norms: tuple[str, ...]
     final_norm: str | None = None  # relative to the base model
+    post_norm: bool = False  # BERT: norm(residual + sublayer); LLaMA, T5: residual + sublayer(norm(residual))
+    token_mask: str = "attention_mask"  # the batch entry marking this stack's real (unpadded) tokens
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class ConfigFields:
     ffn: str
     kv_heads: str | None = None
     head_dim: str | None = None
+    # Flags that make a stock model build biases (LLaMA: q/k/v/o and gate/up/down). A bias added to a
+    # bias-free output projection (FLAP's compensation) only survives export and reload through these.
+    attention_bias: str | None = None
+    ffn_bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ _BERT_STACK = StackSpec(
     attentions=(_BERT_ATTN,),
     ffn=FFNSpec(inputs=("intermediate.dense",), output="output.dense"),
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
+    post_norm=True,
 )
 
 _BERT_LIKE = dict(
@@ -188,6 +197,7 @@ def _t5_stacks(ffn: FFNSpec) -> tuple[StackSpec, ...]:
             ffn=dec_ffn,
             norms=("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm"),
             final_norm="decoder.final_layer_norm",
+            token_mask="decoder_attention_mask",
         ),
     )
 
@@ -252,7 +262,10 @@ FAMILIES: dict[str, Family] = {
         ),
         extra={"gated_stacks": _t5_stacks(_T5_GATED_FFN)},
     ),
-    "llama": Family(name="llama", model_types=("llama",), **_LLAMA_LIKE),
+    "llama": Family(name="llama", model_types=("llama",), **{
+        **_LLAMA_LIKE,
+        "config": replace(_LLAMA_LIKE["config"], attention_bias="attention_bias", ffn_bias="mlp_bias"),
+    }),
     "mistral": Family(name="mistral", model_types=("mistral",), **_LLAMA_LIKE),
     "qwen2": Family(name="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),
 }
@@ -693,3 +706,13 @@ def norm_eps(fam: Family, norm: nn.Module) -> float:
 def norm_weight_bias(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return norm.weight, getattr(norm, "bias", None)
 
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The hidden states a layer module was called with (positionally or as ``hidden_states=``)."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def layer_output(output) -> torch.Tensor:
+    """The hidden states a layer module returns (LLaMA: a tensor; BERT and T5: the first of a tuple)."""
+    return output[0] if isinstance(output, tuple | list) else output

@@ -6,6 +6,10 @@ Hidden dims: a forward hook on every norm of width `hidden` recomputes the norm 
 and zeroes the others, so a 0/1 hidden mask gives exactly the statistics of the physically pruned norm
 (multiplying the hidden states alone would not: the norm's mean and variance would still see every dim).
 Every mask is differentiable, and all-ones masks are the identity.
+
+A mask of shape (batch, units) gives each example of a batch its own row, so one backward pass yields
+every example's own mask gradient (the per-example sums that Michel et al.'s |dL/dmask| and the
+empirical Fisher need); a 1-D mask is shared by the whole batch.
 """
 
 from __future__ import annotations
@@ -35,12 +39,17 @@ class Masks:
         neurons: bool = True,
         hidden: bool = False,
         requires_grad: bool = False,
+        batch: int | None = None,
     ) -> Masks:
-        """All-ones masks shaped like the live model; with requires_grad they collect mask gradients."""
+        """All-ones masks shaped like the live model; with requires_grad they collect mask gradients.
+
+        With `batch`, every mask has one row per example of a batch of that size (per-example gradients).
+        """
         dev = next(unwrap(model).parameters()).device
+        lead = () if batch is None else (batch,)
 
         def one(n: int) -> torch.Tensor:
-            return torch.ones(n, device=dev, requires_grad=requires_grad)
+            return torch.ones(*lead, n, device=dev, requires_grad=requires_grad)
 
         m = cls()
         for layer in layer_sites(model):
@@ -67,8 +76,8 @@ def masked_norm(fam: Family, norm: nn.Module, x: torch.Tensor, mask: torch.Tenso
     """A LayerNorm/RMSNorm whose statistics see only the (softly) kept dims; dropped dims come out as zero."""
     dtype = x.dtype
     xf = x.float()
-    m = mask.to(xf.dtype)
-    n = m.sum().clamp_min(1e-6)
+    m = _per_token(mask.to(xf.dtype), x)
+    n = m.sum(-1, keepdim=True).clamp_min(1e-6)
     eps = norm_eps(fam, norm)
     if fam.norm == "layer":
         mean = (xf * m).sum(-1, keepdim=True) / n
@@ -84,7 +93,14 @@ def masked_norm(fam: Family, norm: nn.Module, x: torch.Tensor, mask: torch.Tenso
     bias = getattr(norm, "bias", None)
     if bias is not None:
         y = y + bias
-    return y * mask.to(y.dtype)
+    return y * _per_token(mask.to(y.dtype), y)
+
+
+def _per_token(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (batch, units) mask lined up with activations (batch, tokens, units); a 1-D mask as it is."""
+    if mask.dim() == 1:
+        return mask
+    return mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
 
 
 class MaskHandle:
@@ -109,14 +125,15 @@ def _head_hook(mask: torch.Tensor, num_heads: int):
     def hook(module, args):
         x = args[0]
         shaped = x.view(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
-        return ((shaped * mask.to(x.dtype)[:, None]).view_as(x), *args[1:])
+        m = _per_token(mask.to(x.dtype), x)
+        return ((shaped * m[..., None]).view_as(x), *args[1:])
 
     return hook
 
 
 def _neuron_hook(mask: torch.Tensor):
     def hook(module, args):
-        return (args[0] * mask.to(args[0].dtype), *args[1:])
+        return (args[0] * _per_token(mask.to(args[0].dtype), args[0]), *args[1:])
 
     return hook
 

@@ -199,8 +199,8 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
     Counts (`heads_keep`, `neurons_keep`, `hidden_keep`) pick the best structures of that kind; a
     parameter or FLOPs budget picks heads and neurons (and hidden dims, with `prune_hidden`) together by
     score per cost, so the split between attention, FFN and width comes from the task, not from a fixed
-    ratio. `normalize` ("none", "per_kind", "per_layer"; default: the scorer's `Scores.meta["normalize"]`,
-    else "none") makes kinds comparable when the scorer's are not; see selection.py. The plan's meta
+    ratio. `normalize` ("none", "per_kind", "per_layer"; default: "none" when the scorer's kinds are
+    comparable, `Scores.meta["comparable"]`, else "per_kind") makes kinds comparable; see selection.py. The plan's meta
     records the normalisation, the target and the measured cost, and `warnings` (also raised as
     PruningWarning) names every layer that loses all its heads or neurons.
     """

@@ -31,7 +31,7 @@ from prunetune.data import DEFAULT_DEV_FRACTION, DataSource, check_max_length, c
 from prunetune.errors import PrunetuneError, PrunetuneWarning
 from prunetune.export import atomic_dir, check_output_dir, save_compact
 from prunetune.families import unwrap
-from prunetune.importance import Scores, compute, get_scorer, heatmap
+from prunetune.importance import Scores, block_importance, compute, get_scorer, heatmap
 from prunetune.models import load_tokenizer, resolve
 from prunetune.plan import Budget, layer_cost, model_info, select
 from prunetune.surgery import LAYOUT_ATTR, apply_plan, current_layout, own_storage
@@ -235,15 +235,6 @@ def _train_config(cfg: FinetuneConfig, log_path: Path, epochs: float | None = No
     )
 
 
-def block_scores(scores: Scores) -> dict[str, float]:
-    """Importance of a block (layer) = the sum of its heads' scores."""
-    out: dict[str, float] = {}
-    for key, vals in scores.heads.items():
-        layer = key.split("/")[0]
-        out[layer] = out.get(layer, 0.0) + float(sum(vals))
-    return out
-
-
 @dataclass
 class MethodResult:
     """What a method hands back to the recipe."""
@@ -283,7 +274,7 @@ def _run_prune_lora(cfg, model, train_loader, evaluate, log_path, sample_loader)
     plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.neurons_keep), normalize="per_layer")
     apply_plan(model, plan)
     own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident
-    blocks = block_scores(scores)
+    blocks = block_importance(scores)  # the layer's summed raw head importance: how much the task needs it
     top = cfg.top_blocks if cfg.top_blocks is not None else max(1, round(len(blocks) / 3))
     ranks = adapters.block_ranks(blocks, top, cfg.rank_high, cfg.rank_low)
     peft_model = adapters.apply_lora(model, rank=cfg.rank_low, block_rank=ranks, targets=targets_for(cfg))

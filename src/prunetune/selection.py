@@ -3,9 +3,10 @@
 Scores of one scorer share a unit (an estimate of the loss change from removing a structure), so every
 kind is ranked on one scale, by score per parameter (or FLOP): the split between attention, FFN and
 width comes from the scores. A scorer whose kinds are not comparable (weight magnitude, scores
-normalised per layer) says so in ``Scores.meta["normalize"]``, or the caller passes ``normalize``:
+normalised per layer) says so with ``Scores.meta["comparable"] = False`` (importance/scores.py), and they are
+then normalised per kind; the caller's ``normalize`` overrides either:
 
-- ``"none"``: raw scores (the default);
+- ``"none"``: raw scores (the default for comparable kinds);
 - ``"per_kind"``: each kind's scores rescaled so an average unit's score equals its cost share;
 - ``"per_layer"``: each layer's scores of a kind L2-normalised first (layers weigh equally), then per kind.
 
@@ -104,8 +105,11 @@ def resolve_normalize(normalize: str | None, scores) -> tuple[Normalize, str]:
     """The normalisation to apply and where it came from: the argument, the scorer (Scores.meta), or the default."""
     if normalize is not None:
         mode, source = normalize, "argument"
-    elif (getattr(scores, "meta", None) or {}).get("normalize") is not None:
-        mode, source = scores.meta["normalize"], "scorer"
+    elif (getattr(scores, "meta", None) or {}).get("comparable") is not None:
+        # the scorer states whether its kinds share a unit; where they do not, a head's score and a neuron's
+        # can only meet after each kind is put on its cost share (recorded as coming from the scorer)
+        mode = "none" if scores.meta["comparable"] else "per_kind"
+        source = "scorer: comparable kinds" if scores.meta["comparable"] else "scorer: kinds not comparable"
     else:
         mode, source = DEFAULT_NORMALIZE, "default"
     if mode not in NORMALIZE_MODES:
