@@ -46,7 +46,9 @@ def test_registry_lists_every_scorer():
     assert set(SCORERS) == {*DATA_SCORERS, "magnitude", "block_influence"}
     for name, fn in SCORERS.items():
         assert fn.info.unit in (FIRST_ORDER, FISHER, PROXY), name
-        assert fn.info.comparable == (fn.info.unit != PROXY), name
+        # loss-change units compare across kinds; of the proxies only APT's salience does (one quantity for
+        # every kind, which APT ranks raw)
+        assert fn.info.comparable == (fn.info.unit != PROXY or name in ("salience", "apt_salience")), name
     with pytest.raises(PrunetuneError, match="unknown importance scorer"):
         compute(tiny("bert"), None, "nope")
 
@@ -117,7 +119,9 @@ def test_units_normalisation_and_raw_scores():
     kind = compute(model, batches, "fisher", normalize="kind")
     assert math.isclose(math.sqrt(sum(v * v for vs in kind.heads.values() for v in vs)), 1.0, rel_tol=1e-9)
     assert not kind.meta["comparable"] and kind.raw().heads == fisher.heads
-    assert compute(model, batches, "salience").meta["comparable"] is False
+    assert compute(model, batches, "salience").meta["comparable"] is True  # one quantity for every kind
+    assert compute(model, batches, "apt_salience", kurtosis=True).meta["comparable"] is False  # + an outlier term
+    assert compute(model, batches, "wanda_sp").meta["comparable"] is False
     with pytest.raises(PrunetuneError, match="unknown normalisation"):
         compute(model, batches, "fisher", normalize="per-head")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import FAMILIES, logits, tiny_inputs
-from engine_helpers import masks_for, max_diff, tiny
+from engine_helpers import labelled_batches, masks_for, max_diff, tiny
 from test_plan import assert_gqa_valid, kept_heads, kept_neurons, largest_unit, random_scores
 
 from prunetune.costs import head_costs, neuron_cost
@@ -188,9 +188,10 @@ def test_per_kind_normalisation_is_explicit_and_recorded():
     again = select(model, scaled(scores, heads=100.0), budget, normalize="per_kind")
     assert (again.heads, again.neurons) == (per_kind.heads, per_kind.neurons)
     # a scorer whose kinds are not comparable asks for it; an explicit argument wins
-    scores.meta["normalize"] = "per_kind"
+    scores.meta["comparable"] = False
     plan = select(model, scores, budget)
-    assert (plan.meta["normalize"], plan.meta["normalize_from"], plan.heads) == ("per_kind", "scorer", per_kind.heads)
+    assert (plan.meta["normalize"], plan.heads) == ("per_kind", per_kind.heads)
+    assert plan.meta["normalize_from"] == "scorer: kinds not comparable"
     assert select(model, scores, budget, normalize="none").meta["normalize"] == "none"
     with pytest.raises(PrunetuneError, match="normalisation"):
         select(model, scores, budget, normalize="global")
@@ -211,9 +212,12 @@ def test_per_layer_normalisation_weighs_layers_equally():
 def test_scorers_say_whether_their_kinds_compare():
     model = tiny("bert")
     magnitude = compute(model, None, "magnitude")
-    assert magnitude.meta["normalize"] == "per_kind"  # weight norms are no loss change
+    assert magnitude.meta["comparable"] is False  # weight norms are no loss change
     plan = select(model, magnitude, Budget(keep_params=0.5))
-    assert (plan.meta["normalize"], plan.meta["normalize_from"]) == ("per_kind", "scorer")
+    assert (plan.meta["normalize"], plan.meta["normalize_from"]) == ("per_kind", "scorer: kinds not comparable")
+    fisher = compute(model, labelled_batches("bert"), "fisher")  # a loss change for every kind: ranked raw
+    plan = select(model, fisher, Budget(keep_params=0.5))
+    assert (plan.meta["normalize"], plan.meta["normalize_from"]) == ("none", "scorer: comparable kinds")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from torch import nn
 
 from prunetune.errors import PrunetuneError
 from prunetune.families import family_of, unwrap
+from prunetune.importance.passes import labelled
 from prunetune.importance.scores import Scores, get_scorer, normalised, scorer_options
 
 
@@ -30,7 +31,8 @@ def compute(model: nn.Module, batches: Iterable[dict] | None, scorer: str = "hea
     if info.needs_data and batches is None:
         raise PrunetuneError(f"scorer {scorer!r} needs task data")
     how = info.normalize if normalize is None else normalize
-    scores = fn(top, batches, hidden=hidden, **options)
+    with labelled(f"importance ({scorer})"):
+        scores = fn(top, batches, hidden=hidden, **options)
     recorded = {"hidden": hidden, **scorer_options(scorer), **options}
     # an option can change what the numbers are (apt_salience's kurtosis term): the scorer's own word wins
     comparable = scores.meta.get("comparable_override", info.comparable)

@@ -38,14 +38,28 @@ def scoring(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def each_batch(model: nn.Module, batches: Iterable[dict] | None, desc: str = "importance") -> Iterator[dict]:
+_LABEL = {"desc": "importance"}  # what the progress bar says; compute() names the scorer
+
+
+@contextmanager
+def labelled(desc: str) -> Iterator[None]:
+    """Name the passes made inside (the progress bar's label), e.g. "importance (fisher)"."""
+    before = _LABEL["desc"]
+    _LABEL["desc"] = desc
+    try:
+        yield
+    finally:
+        _LABEL["desc"] = before
+
+
+def each_batch(model: nn.Module, batches: Iterable[dict] | None) -> Iterator[dict]:
     """The batches on the model's device, with a progress bar; an error when there are none."""
     if batches is None:
         raise PrunetuneError("this needs task data (a calibration sample)")
     device = next(model.parameters()).device
     n = 0
     # one forward (and backward) pass per batch: minutes on a CPU for a large model, so the user sees them go
-    for batch in progress(batches, desc=desc, leave=True):
+    for batch in progress(batches, desc=_LABEL["desc"], leave=True):
         n += 1
         yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if n == 0:
