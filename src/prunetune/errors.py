@@ -11,5 +11,6 @@ class PrunetuneWarning(UserWarning):
     """A run that works but whose numbers may mislead (an untrained head, an unknown task)."""
 
 
-class PruningWarning(UserWarning):
-    """A plan that is valid but probably not what was meant (e.g. a layer losing every head)."""
+class PruningWarning(PrunetuneWarning):
+    """A plan that is valid but probably not what was meant (e.g. a layer losing every head); the CLI prints
+    it as one line like every prunetune warning."""
