@@ -1,0 +1,738 @@
+"""Decoder pruning against peers: prunetune's scorers vs Torch-Pruning, ShortGPT, Wanda-sp and FLAP.
+
+On SmolLM2-135M-Instruct (LLaMA with grouped-query attention: 30 layers, 9 query / 3 KV heads, FFN 1536),
+from one fp32 copy of the weights and the same calibration records, every method prunes to 90%, 80% and 70%
+of the layer parameters (attention, MLP and norms of the decoder layers; embeddings excluded), and every
+model is scored with no training by perplexity on held-out natural text (the first 256 tokens of the first
+200 CNN/DailyMail validation articles, token-weighted). With `--recover`, the best model of each family at
+each budget is pruned again and gets the same short LoRA recovery on the Alpaca training split, scored by
+perplexity on the instruction hold-out next to LoRA on the unpruned model.
+
+Rows (each one a fresh process, so its time and peak memory are its own):
+
+* `dense`: the unpruned model.
+* `prunetune:<scorer>`: `prunetune.importance.compute` -> `plan.select(Budget(keep_params=F))` ->
+  `surgery.apply_plan`, for each decoder scorer the installed prunetune registers (`--scorers`; missing
+  ones are listed in the table's notes).
+* `shortgpt`: whole layers dropped by block influence (benchmarks/peers/shortgpt.py).
+* `wanda_sp`, `flap`: the FLAP authors' structured baselines (benchmarks/peers/wanda_sp.py).
+* `torch_pruning`: Torch-Pruning 1.6 with its LLM example's settings; `torch_pruning_ffn`: the same with the
+  attention ignored, the workaround when the first cannot build its attention groups
+  (benchmarks/peers/torch_pruning_peer.py; needs `pip install 'prunetune[bench]'`).
+
+Per row: layer parameters kept (exact), layers/heads/FFN neurons kept, perplexity, prune time (scoring,
+selection and removal; loading excluded), peak memory while pruning (process peak RSS above the level just
+before the model was loaded, data and libraries already in), and forward latency at batch 8 x 256 (median
+of a few passes on seeded random tokens; the ratio is to the dense row's). A peer that fails or hangs is a
+row saying how.
+
+    python benchmarks/llm_pruning.py                       # the full run (hours on 2 cores: see README)
+    python benchmarks/llm_pruning.py --recover --recover-keeps 0.7
+    python benchmarks/llm_pruning.py --make-tiny /tmp/tiny-llama    # a random GQA LLaMA for smoke tests
+    python benchmarks/llm_pruning.py --model /tmp/tiny-llama --keeps 0.8 --calib 4 --articles 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared" / "data"
+sys.path.insert(0, str(HERE))  # the peers package lives beside this file, outside the library
+
+from peers.common import PeerFailure, structure_counts  # noqa: E402
+
+# prunetune scorers that apply to a decoder before training; the later ones arrive with the scorer work
+# and are picked up by name when the installed prunetune registers them
+DECODER_SCORERS = ("fisher", "salience_kurtosis", "wanda_sp", "flap", "block_influence", "apt_salience")
+PEER_ROWS = ("shortgpt", "wanda_sp", "flap", "torch_pruning", "torch_pruning_ffn")
+FAMILY = {
+    "dense": "dense",
+    "shortgpt": "ShortGPT",
+    "wanda_sp": "Wanda-sp/FLAP",
+    "flap": "Wanda-sp/FLAP",
+    "torch_pruning": "Torch-Pruning",
+    "torch_pruning_ffn": "Torch-Pruning",
+}
+LABEL = {
+    "dense": "dense (unpruned)",
+    "shortgpt": "ShortGPT layer dropping",
+    "wanda_sp": "Wanda-sp (uniform)",
+    "flap": "FLAP (WIFV, AL-AM, bias comp.)",
+    "torch_pruning": "Torch-Pruning 1.6, LLM example",
+    "torch_pruning_ffn": "Torch-Pruning 1.6, attention ignored",
+}
+
+
+def family(row: str) -> str:
+    return "prunetune" if row.startswith("prunetune:") else FAMILY[row]
+
+
+def label(row: str, default_scorer: str | None = None) -> str:
+    if row.startswith("prunetune:"):
+        scorer = row.split(":", 1)[1]
+        return f"prunetune {scorer}" + (" (default)" if scorer == default_scorer else "")
+    return LABEL[row]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: calibration records, held-out articles
+# ---------------------------------------------------------------------------------------------------------
+
+
+def instruction_split(tokenizer, args) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) Alpaca records exactly as `prunetune finetune --task instruct` splits them.
+
+    The calibration sample comes from the train part, so the instruction hold-out the recovery is scored on
+    is never seen while pruning.
+    """
+    from prunetune.instruct import InstructTask
+
+    return InstructTask()._split(tokenizer, args.data, args.eval_limit, args.seed)
+
+
+def calibration_batches(tokenizer, records: list[dict], max_length: int, batch_size: int) -> list[dict]:
+    """Prompt (chat template when there is one) + response + end token, labels on every real token."""
+    from prunetune.instruct import collate, render_prompt
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    feats = []
+    for r in records:
+        text = render_prompt(tokenizer, r) + r["output"] + (tokenizer.eos_token or "")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+        feats.append({"input_ids": ids, "labels": ids})  # collate pads labels with -100
+    fn = collate(pad)
+    return [fn(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)]
+
+
+def article_batches(tokenizer, path: str, n: int, length: int, batch_size: int) -> list[dict]:
+    """The first `length` tokens of each of the first `n` articles, every token scored."""
+    from prunetune.instruct import collate
+
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line)["article"])
+            if len(rows) == n:
+                break
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    feats = []
+    for text in rows:
+        ids = tokenizer(text)["input_ids"][:length]
+        feats.append({"input_ids": ids, "labels": ids})
+    fn = collate(pad)
+    return [fn(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Methods: each prunes `model` in place to `keep` of its layer parameters and returns what it did
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _prunetune(scorer: str) -> Callable:
+    def prune(model: nn.Module, tokenizer, batches: list[dict], keep: float, args) -> dict:
+        from prunetune.importance import compute
+        from prunetune.plan import Budget, select
+        from prunetune.surgery import apply_plan
+
+        scores = compute(model, batches, scorer)
+        plan = select(model, scores, Budget(keep_params=keep))
+        apply_plan(model, plan)
+        return {"scorer": scorer, "plan_meta": {k: v for k, v in plan.meta.items() if k != "budget"}}
+
+    return prune
+
+
+def _shortgpt(model, tokenizer, batches, keep, args) -> dict:
+    from peers.shortgpt import prune_shortgpt
+
+    return prune_shortgpt(model, batches, keep)
+
+
+def _wanda_sp(model, tokenizer, batches, keep, args) -> dict:
+    from peers.wanda_sp import prune_wanda_sp
+
+    return prune_wanda_sp(model, batches, keep)
+
+
+def _flap(model, tokenizer, batches, keep, args) -> dict:
+    from peers.wanda_sp import prune_flap
+
+    return prune_flap(model, batches, keep, structure=args.flap_structure)
+
+
+def _torch_pruning(variant: str) -> Callable:
+    def prune(model, tokenizer, batches, keep, args) -> dict:
+        from peers.torch_pruning_peer import prune_torch_pruning
+
+        return prune_torch_pruning(model, tokenizer, batches, keep, variant=variant, importance=args.tp_importance,
+                                   timeout_s=args.tp_timeout)
+
+    return prune
+
+
+def method(row: str) -> Callable:
+    if row.startswith("prunetune:"):
+        return _prunetune(row.split(":", 1)[1])
+    return {
+        "dense": lambda *a: {},
+        "shortgpt": _shortgpt,
+        "wanda_sp": _wanda_sp,
+        "flap": _flap,
+        "torch_pruning": _torch_pruning("example"),
+        "torch_pruning_ffn": _torch_pruning("ffn"),
+    }[row]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def forward_latency(model: nn.Module, vocab: int, batch: int, seq: int, repeats: int, threads: int) -> dict:
+    """Median wall time of full forward passes (LM head included) on seeded random tokens, after one warm-up.
+
+    A pass's `cpu_share` is the CPU time the process got over wall x threads. Well below 1, another process
+    had part of the cores, and on 2 cores that costs about 3x, not 2x (a parallel GEMM waits for its slowest
+    thread; see benchmarks/README.md). So the median is over the passes that had the CPU (share >= 0.9), and
+    up to `repeats` more passes are run while fewer than half did; with none, all count and the row is
+    flagged `contended`.
+    """
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    times, shares = [], []
+    for i in range(1 + 2 * repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        wall = time.perf_counter() - t0
+        if i:
+            times.append(wall)
+            shares.append((time.process_time() - c0) / (wall * threads))
+        clean = [t for t, s in zip(times, shares, strict=True) if s >= 0.9]
+        if len(times) >= repeats and 2 * len(clean) >= repeats:
+            break
+    return {
+        "latency_s": statistics.median(clean or times),
+        "contended": not clean,
+        "latency_s_all": times,
+        "cpu_shares": shares,
+    }
+
+
+class Stage:
+    """The row's current stage in a file beside its result: what a killed row was doing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.path.write_text(json.dumps({"stage": stage, "at_s": round(elapsed, 1)}))
+        print(f"[{elapsed:7.1f}s] {stage}", flush=True)
+
+
+def _import_model_code(location: str) -> None:
+    """Build the model weightless once, so importing its code is not charged to the row's memory."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(location)
+    with torch.device("meta"):
+        transformers.AutoModelForCausalLM.from_config(config)
+
+
+def run_row(args) -> dict:
+    """One row in this process: load, prune, measure (or prune and recover). Returns the JSON-able result."""
+    import transformers
+
+    from prunetune.bench import MemoryMeter, usable_cores
+    from prunetune.instruct import perplexity
+    from prunetune.models import load_tokenizer, resolve
+    from prunetune.plan import layer_param_count
+    from prunetune.surgery import own_storage
+
+    stage = Stage(Path(args.row_out).with_suffix(".stage"))
+    threads = args.threads or usable_cores()
+    torch.set_num_threads(threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    location = resolve(args.model)
+    tokenizer = load_tokenizer(location)
+    stage("data")
+    train, _ = instruction_split(tokenizer, args)
+    calib = calibration_batches(tokenizer, train[: args.calib], args.calib_len, args.calib_batch)
+    articles = article_batches(tokenizer, args.articles_file, args.articles, args.article_len, args.eval_batch)
+    if args.recover:
+        import peft  # noqa: F401  (imported before the baseline, like the rest)
+    _import_model_code(location)
+
+    meter = MemoryMeter("cpu").start()  # data loaded and libraries imported: what follows is model + method
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    dense_layer_params = layer_param_count(model)
+    dense_counts = structure_counts(model)
+    result: dict = {"model": location, "threads": threads, "load_s": load_s, "dense": dense_counts,
+                    "dense_layer_params": dense_layer_params}
+
+    stage(f"pruning ({args.row}, keep {args.keep:g})")
+    t0 = time.perf_counter()
+    info = method(args.row)(model, tokenizer, calib, args.keep, args)
+    result["prune_s"] = time.perf_counter() - t0
+    result["prune_peak_mb"] = meter.read()
+    result["info"] = info
+    model.eval()
+    for p in model.parameters():  # scorers may leave gradients switched on; measurements need none
+        p.requires_grad_(False)
+    own_storage(model)  # every row then runs off memory of its own, not the checkpoint's mapping
+    result["layer_params"] = layer_param_count(model)
+    result["layer_params_kept"] = result["layer_params"] / dense_layer_params
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["kept"] = structure_counts(model)
+
+    if args.recover:
+        result["recovery"] = recover(model, tokenizer, articles, args, meter, stage)
+        return result
+    meter.reset_peak()
+    stage("perplexity on held-out articles")
+    t0 = time.perf_counter()
+    ppl = perplexity(model, articles)
+    result.update(ppl=ppl["perplexity"], ppl_tokens=ppl["tokens"], ppl_s=time.perf_counter() - t0)
+    stage("latency")
+    result.update(forward_latency(model, model.config.vocab_size, args.latency_batch, args.latency_seq,
+                                  args.latency_repeats, threads))
+    result["eval_peak_mb"] = meter.read()
+    return result
+
+
+def recover(model: nn.Module, tokenizer, articles: list[dict], args, meter, stage: Stage) -> dict:
+    """The short LoRA recovery of benchmarks/llama_instruct.py, through prunetune's Python API."""
+    from prunetune import adapters
+    from prunetune.instruct import InstructTask, perplexity
+    from prunetune.train import TrainConfig, fit, seed_everything
+
+    task = InstructTask()
+    loaders = task.loaders(tokenizer, data=args.data, train_limit=args.train_limit, eval_limit=args.eval_limit,
+                           samples=1, max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
+    stage("instruction perplexity before recovery")
+    before = task.evaluate(model, loaders.dev)["perplexity"]
+    seed_everything(args.seed)  # the adapters start from seeded random weights
+    peft_model = adapters.apply_lora(model, rank=args.rank, targets=args.lora_targets)
+    _, trainable = adapters.count_parameters(peft_model)
+    meter.reset_peak()
+    stage("LoRA recovery")
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, progress=False)
+    fit_result = fit(peft_model, loaders.train, lambda m: task.evaluate(m, loaders.dev), cfg)
+    train_peak = meter.read()
+    after = fit_result.best["perplexity"] if fit_result.best else task.evaluate(peft_model, loaders.dev)["perplexity"]
+    merged = adapters.merge(peft_model)
+    stage("article perplexity after recovery")
+    return {
+        "instr_ppl_before": before,
+        "instr_ppl_after": after,
+        "ppl_after": perplexity(merged, articles)["perplexity"],
+        "train_s": fit_result.train_time_s,
+        "train_steps": fit_result.steps,
+        "train_peak_mb": train_peak,
+        "trainable": trainable,
+    }
+
+
+def row_main(args) -> None:
+    """`--row`: run one row and write its JSON, whatever happens (a failed peer is a result too)."""
+    out = Path(args.row_out)
+    result: dict = {"row": args.row, "keep": args.keep, "recover": args.recover, "status": "ok"}
+    try:
+        result.update(run_row(args))
+    except PeerFailure as e:
+        result.update(status="failed", error=str(e), failure_stage=e.stage, ratio_independent=e.ratio_independent)
+    except Exception as e:  # noqa: BLE001  (any crash becomes the row's entry in the table)
+        result.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+    out.write_text(json.dumps(result, indent=1, default=str))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------------------
+
+# options every row process receives as given to the orchestrator
+PASSED = (
+    "model", "data", "articles_file", "calib", "calib_len", "calib_batch", "articles", "article_len", "eval_batch",
+    "seed", "threads", "latency_batch", "latency_seq", "latency_repeats", "tp_timeout", "tp_importance",
+    "flap_structure", "train_limit", "eval_limit", "max_length", "batch_size", "epochs", "rank", "lr",
+    "lora_targets",
+)
+
+
+def _row_cmd(args, row: str, keep: float, out: Path, recover: bool) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row, "--keep", repr(keep), "--row-out", str(out)]
+    for name in PASSED:
+        value = getattr(args, name)
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    return cmd + (["--recover"] if recover else [])
+
+
+def run_process(args, row: str, keep: float, recover: bool = False) -> dict:
+    """One row in a fresh interpreter, with a time limit; its JSON, or what became of it."""
+    workdir = Path(args.workdir)
+    tag = f"{row.replace(':', '-')}_{keep:g}" + ("_recover" if recover else "")
+    out = workdir / f"{tag}.json"
+    if args.reuse and out.exists():
+        return json.loads(out.read_text())
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    if args.heap == "compact":  # resident memory follows the live tensors (see benchmarks/README.md)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    src = str(HERE.parent / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
+    print(f"== {tag}", flush=True)
+    t0 = time.perf_counter()
+    with open(workdir / f"{tag}.log", "w") as log:
+        try:
+            proc = subprocess.run(_row_cmd(args, row, keep, out, recover), stdout=log, stderr=subprocess.STDOUT,
+                                  env=env, timeout=args.row_timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    wall = time.perf_counter() - t0
+    if out.exists():
+        result = json.loads(out.read_text())
+    else:
+        stage_file = out.with_suffix(".stage")
+        where = json.loads(stage_file.read_text())["stage"] if stage_file.exists() else "start-up"
+        why = f"killed after {wall:.0f} s (--row-timeout)" if code is None else f"exited with code {code}"
+        result = {"row": row, "keep": keep, "recover": recover, "status": "failed", "error": f"{why} in: {where}",
+                  "log": str(workdir / f"{tag}.log")}
+    result["wall_s"] = wall
+    status = result["status"] if result["status"] != "ok" else (
+        f"ppl {result['ppl']:.2f}" if "ppl" in result else
+        f"instr ppl {result['recovery']['instr_ppl_after']:.2f}" if "recovery" in result else "ok")
+    print(f"   {status} ({wall:.0f} s){': ' + result['error'] if 'error' in result else ''}", flush=True)
+    return result
+
+
+def available_rows(args) -> tuple[list[str], list[str]]:
+    """The rows to run, and notes on asked-for prunetune scorers this prunetune does not have."""
+    from prunetune.importance import SCORERS
+
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    scorers = [s.strip() for s in args.scorers.split(",")] if args.scorers else list(DECODER_SCORERS)
+    rows, notes = [], []
+    for r in wanted:
+        if r == "prunetune":
+            missing = [s for s in scorers if s not in SCORERS]
+            rows += [f"prunetune:{s}" for s in scorers if s in SCORERS]
+            if missing:
+                notes.append(f"prunetune scorers not registered in this build (skipped): {', '.join(missing)}")
+        elif r.startswith("prunetune:"):
+            if r.split(":", 1)[1] in SCORERS:
+                rows.append(r)
+            else:
+                notes.append(f"{r}: not registered in this build (skipped)")
+        elif r in FAMILY:
+            rows.append(r)
+        else:
+            raise SystemExit(f"unknown row {r!r}; rows: dense, prunetune[:SCORER], {', '.join(PEER_ROWS)}")
+    return rows, notes
+
+
+def default_scorer(args) -> str:
+    """The scorer the Done-when is about: --default-scorer, else what prunetune declares, else fisher."""
+    import prunetune.importance as imp
+
+    return args.default_scorer or getattr(imp, "DEFAULT_DECODER_SCORER", None) or "fisher"
+
+
+def orchestrate(args) -> None:
+    from prunetune.bench import machine_description
+    from prunetune.models import resolve
+
+    keeps = [float(k) for k in args.keeps.split(",")]
+    rows, notes = available_rows(args)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolve(args.model)  # dequantise the GGUF once into the fp32 cache, outside every measured row
+    started = time.perf_counter()
+    results: list[dict] = []
+    if "dense" in rows:
+        results.append(run_process(args, "dense", 1.0))
+    hung: dict[str, dict] = {}  # row -> a failure that does not depend on the budget
+    for keep in keeps:
+        for row in rows:
+            if row == "dense":
+                continue
+            if row in hung:  # e.g. Torch-Pruning's dependency search: the same at every ratio, not repeated
+                first = hung[row]
+                results.append({"row": row, "keep": keep, "recover": False, "status": "failed",
+                                "error": f"{first['error']} [at keep {first['keep']:g}; the failure comes before "
+                                         "the ratio is used, so not run again]"})
+                continue
+            res = run_process(args, row, keep)
+            if res["status"] != "ok" and res.get("ratio_independent"):
+                hung[row] = res
+            results.append(res)
+
+    recovered: list[dict] = []
+    if args.recover:
+        recover_keeps = [float(k) for k in args.recover_keeps.split(",")] if args.recover_keeps else keeps
+        recovered.append(run_process(args, "dense", 1.0, recover=True))
+        for keep in recover_keeps:
+            for fam, best in best_of_families(results, keep).items():
+                if fam != "dense":
+                    recovered.append(run_process(args, best["row"], keep, recover=True))
+
+    scorer = default_scorer(args)
+    report = {
+        "date": str(dt.date.today()),
+        "machine": machine_description(),
+        "settings": {k: getattr(args, k) for k in (*PASSED, "keeps", "heap", "rows", "scorers")},
+        "default_scorer": scorer,
+        "notes": notes,
+        "rows": results,
+        "recovered": recovered,
+        "total_wall_s": time.perf_counter() - started,
+    }
+    text = markdown(report, keeps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    out.with_suffix(".md").write_text(text)
+    print("\n" + text)
+
+
+def best_of_families(results: list[dict], keep: float) -> dict[str, dict]:
+    """Per family, the successful row with the lowest held-out perplexity at this budget."""
+    best: dict[str, dict] = {}
+    for r in results:
+        if r["status"] != "ok" or not math.isclose(r["keep"], keep) or "ppl" not in r:
+            continue
+        fam = family(r["row"])
+        if fam not in best or r["ppl"] < best[fam]["ppl"]:
+            best[fam] = r
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str = ".2f", empty: str = "—") -> str:
+    return empty if v is None else format(v, spec)
+
+
+def markdown(report: dict, keeps: list[float]) -> str:
+    s = report["settings"]
+    scorer = report["default_scorer"]
+    rows = report["rows"]
+    dense = next((r for r in rows if r["row"] == "dense" and r["status"] == "ok"), None)
+    heap = "glibc mmap threshold 64 KiB" if s["heap"] == "compact" else "default heap"
+    lines = [
+        f"# Decoder pruning vs peers, {report['date']}",
+        "",
+        f"Machine: {report['machine']}.",
+        f"Model: `{s['model']}`; calibration: {s['calib']} Alpaca records from the training split (seed "
+        f"{s['seed']}, prompt + response, up to {s['calib_len']} tokens, batches of {s['calib_batch']}); held-out "
+        f"text: first {s['article_len']} tokens of the first {s['articles']} CNN/DailyMail validation articles "
+        "(token-weighted perplexity, no training). Budget: fraction of the decoder-layer parameters (embeddings "
+        f"excluded). Latency: full forward at batch {s['latency_batch']} x {s['latency_seq']}, median of "
+        f"{s['latency_repeats']}+ passes (those that had the CPU to themselves), ratio to dense. Peak memory: "
+        f"process peak RSS above the level before the model was loaded, while pruning ({heap}). Each row ran in "
+        "its own process. Multiple-choice evaluation: none in prunetune yet, not measured.",
+        "",
+        "| keep | method | family | layer params kept | layers | heads (q/kv) | FFN | perplexity | prune s "
+        "| prune peak MB | latency ms | latency ratio | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = label(r["row"], scorer)
+        if r["status"] != "ok":
+            lines.append(f"| {r['keep']:g} | {name} | {family(r['row'])} | — | — | — | — | — | — | — | — | — "
+                         f"| {r['status']}: {r.get('error', '').replace('|', '/')} |")
+            continue
+        k, d = r["kept"], r["dense"]
+        ratio = r["latency_s"] / dense["latency_s"] if dense else None
+        note = "latency: CPU shared with other processes" if r.get("contended") else ""
+        lines.append(
+            f"| {r['keep']:g} | {name} | {family(r['row'])} | {r['layer_params_kept']:.1%} "
+            f"| {k['layers']}/{d['layers']} | {k['heads']}/{k['kv_heads']} | {k['ffn']}/{d['ffn']} | {r['ppl']:.2f} "
+            f"| {r['prune_s']:.0f} | {r['prune_peak_mb']:.0f} | {1000 * r['latency_s']:.0f} | {_fmt(ratio, '.3f')} "
+            f"| {note} |"
+        )
+    recovered = report.get("recovered") or []
+    if recovered:
+        base = next((r for r in recovered if r["row"] == "dense" and r["status"] == "ok"), None)
+        ref = base["recovery"]["instr_ppl_after"] if base else None
+        lines += [
+            "",
+            f"After the same LoRA recovery (r={s['rank']} on {s['lora_targets']}, lr {s['lr']:g}, {s['epochs']:g} "
+            f"epoch on {s['train_limit']} Alpaca training records, max length {s['max_length']}, batch "
+            f"{s['batch_size']}; instruction hold-out: {s['eval_limit']} records) of the best model of each family:",
+            "",
+            "| keep | method | instr. ppl before | instr. ppl after LoRA | x unpruned LoRA | article ppl after "
+            "| train s | train peak MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in recovered:
+            name = label(r["row"], scorer)
+            if r["status"] != "ok":
+                lines.append(f"| {r['keep']:g} | {name} | — | — | — | — | — | {r['status']}: {r.get('error', '')} |")
+                continue
+            rc = r["recovery"]
+            rel = rc["instr_ppl_after"] / ref if ref else None
+            lines.append(f"| {r['keep']:g} | {name} | {rc['instr_ppl_before']:.2f} | {rc['instr_ppl_after']:.2f} "
+                         f"| {_fmt(rel, '.2f')} | {rc['ppl_after']:.2f} | {rc['train_s']:.0f} "
+                         f"| {rc['train_peak_mb']:.0f} |")
+    lines += ["", *verdict(report, keeps)]
+    if report["notes"]:
+        lines += ["", *[f"Note: {n}." for n in report["notes"]]]
+    lines.append(f"\nTotal wall time {report['total_wall_s'] / 60:.0f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(report: dict, keeps: list[float]) -> list[str]:
+    """The issue's Done-when, line by line: met, not met, or not measurable from this run."""
+    scorer = report["default_scorer"]
+    row = f"prunetune:{scorer}"
+    out = [f"Done-when (prunetune default decoder scorer: {scorer}):"]
+    for keep in keeps:
+        ours = next((r for r in report["rows"] if r["row"] == row and math.isclose(r["keep"], keep)
+                     and r["status"] == "ok"), None)
+        peers = [r for r in report["rows"] if family(r["row"]) not in ("prunetune", "dense")
+                 and math.isclose(r["keep"], keep) and r["status"] == "ok"]
+        failed = [label(r["row"]) for r in report["rows"] if family(r["row"]) not in ("prunetune", "dense")
+                  and math.isclose(r["keep"], keep) and r["status"] != "ok"]
+        if ours is None or not peers:
+            out.append(f"- keep {keep:g}: not measurable (no {row} result or no peer result)")
+            continue
+        best = min(peers, key=lambda r: r["ppl"])
+        ok = ours["ppl"] < best["ppl"]
+        tail = f"; peers that did not run: {', '.join(failed)}" if failed else ""
+        out.append(f"- keep {keep:g}: {ours['ppl']:.2f} vs best peer {label(best['row'])} {best['ppl']:.2f}: "
+                   f"{'met' if ok else 'NOT met'}{tail}")
+    rec = report.get("recovered") or []
+    base = next((r for r in rec if r["row"] == "dense" and r["status"] == "ok"), None)
+    low = min(keeps)
+    ours = next((r for r in rec if family(r["row"]) == "prunetune" and math.isclose(r["keep"], low)
+                 and r["status"] == "ok"), None)
+    if base and ours:
+        rel = ours["recovery"]["instr_ppl_after"] / base["recovery"]["instr_ppl_after"]
+        out.append(f"- after recovery at keep {low:g} ({label(ours['row'], scorer)}): {rel:.2f}x unpruned LoRA's "
+                   f"instruction perplexity: {'met' if rel <= 1.5 else 'NOT met'} (target <= 1.5x)")
+    else:
+        out.append(f"- after recovery at keep {low:g}: not measured (run with --recover)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny random GQA LLaMA for smoke tests
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_tiny(out: str, tokenizer_from: str) -> None:
+    """A 4-layer random LLaMA with SmolLM2's head layout (9 query heads over 3 KV heads), tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunetune.models import load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve(tokenizer_from))
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=72, intermediate_size=192, num_hidden_layers=4, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=8, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"tiny GQA LLaMA written to {out}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2 (the packaged GGUF, cached as fp32) or a directory")
+    p.add_argument("--data", default=str(SHARED / "alpaca_gpt4" / "alpaca_en_demo.json"))
+    p.add_argument("--articles-file", default=str(SHARED / "cnn_dailymail" / "validation.jsonl"))
+    p.add_argument("--keeps", default="0.9,0.8,0.7", help="fractions of the layer parameters to keep")
+    p.add_argument("--rows", default="dense,prunetune," + ",".join(PEER_ROWS),
+                   help="comma-separated: dense, prunetune (every decoder scorer), prunetune:SCORER, "
+                        + ", ".join(PEER_ROWS))
+    p.add_argument("--scorers", help=f"prunetune scorers for the `prunetune` row (default: {', '.join(DECODER_SCORERS)}"
+                                     ", those registered)")
+    p.add_argument("--default-scorer", help="the scorer the Done-when check is about (default: prunetune's "
+                                            "DEFAULT_DECODER_SCORER if it declares one, else fisher)")
+    p.add_argument("--calib", type=int, default=128, help="calibration records (the same for every method)")
+    p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--calib-batch", type=int, default=4)
+    p.add_argument("--articles", type=int, default=200)
+    p.add_argument("--article-len", type=int, default=256)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, help="torch threads per row (default: the usable cores)")
+    p.add_argument("--latency-batch", type=int, default=8)
+    p.add_argument("--latency-seq", type=int, default=256)
+    p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--tp-timeout", type=float, default=300.0,
+                   help="seconds Torch-Pruning may spend building and pruning before it counts as hung")
+    p.add_argument("--tp-importance", choices=["magnitude", "taylor"], default="magnitude",
+                   help="magnitude: the LLM example's GroupMagnitudeImportance; taylor: GroupTaylorImportance on "
+                        "the calibration batches")
+    p.add_argument("--flap-structure", choices=["AL-AM", "UL-UM"], default="AL-AM")
+    p.add_argument("--recover", action="store_true", help="also LoRA-recover the best row of each family")
+    p.add_argument("--recover-keeps", help="budgets to recover at (default: every --keeps)")
+    # recovery: the settings of benchmarks/llama_instruct.py
+    p.add_argument("--train-limit", type=int, default=160)
+    p.add_argument("--eval-limit", type=int, default=100, help="instruction hold-out records")
+    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lora-targets", default="all")
+    p.add_argument("--heap", choices=["compact", "default"], default="compact",
+                   help="compact: glibc returns freed blocks >= 64 KiB, so peak RSS follows live tensors")
+    p.add_argument("--row-timeout", type=float, default=3 * 3600.0, help="seconds before a row is killed")
+    p.add_argument("--workdir", default="runs/llm_pruning", help="per-row JSON and logs")
+    p.add_argument("--reuse", action="store_true", help="keep row results already in --workdir")
+    p.add_argument("--out", default=str(HERE / "results" / "llm_pruning"), help="writes OUT.json and OUT.md")
+    p.add_argument("--make-tiny", metavar="DIR", help="write a tiny random GQA LLaMA to DIR and exit")
+    # internal: one row in this process
+    p.add_argument("--row", help=argparse.SUPPRESS)
+    p.add_argument("--keep", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--row-out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.make_tiny:
+        make_tiny(args.make_tiny, "smollm2")
+    elif args.row:
+        row_main(args)
+    else:
+        orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()
