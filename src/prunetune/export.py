@@ -585,8 +585,9 @@ def _method_section(card: dict, record: dict | None) -> str:
                       "never trained (a `prunetune prune` output): fine-tune it before use"))
     if facts:
         parts.append(_table(("", ""), facts))
-    if card.get("settings"):
-        parts += ["### Settings", _table(("setting", "value"), [(k, _fmt(v)) for k, v in card["settings"].items()])]
+    settings = [(k, _fmt(v)) for k, v in (card.get("settings") or {}).items() if v is not None]  # None: not set
+    if settings:
+        parts += ["### Settings", _table(("setting", "value"), settings)]
     data = card.get("data")
     if data:
         text = data if isinstance(data, str) else "\n".join(f"- {k}: {_fmt(v)}" for k, v in data.items())
