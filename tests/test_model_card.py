@@ -182,6 +182,11 @@ def test_base_model_and_license_come_from_the_source(tmp_path):
     meta, body = card(tmp_path / "twice")
     assert (meta["base_model"], meta["license"]) == ("org/tiny-bert", "apache-2.0")
     assert "[org/tiny-bert](https://huggingface.co/org/tiny-bert)" in body
+    # a repository without an owner (models--name in the cache)
+    unowned = tmp_path / "hub" / "models--tinybert" / "snapshots" / "4567"
+    shutil.copytree(src, unowned)
+    save_compact(transformers.AutoModelForSequenceClassification.from_pretrained(unowned), tmp_path / "unowned")
+    assert card(tmp_path / "unowned")[0]["base_model"] == "tinybert"
     # a local checkpoint's own base_model is not this model's: only its license is taken
     local = tmp_path / "local"
     shutil.copytree(src, local)

@@ -6,7 +6,12 @@ the layout (the plan, relative to the dense model, that gives each layer its sha
 ``model_type`` (``prunetune_<family>``). Importing prunetune registers, for each family, a config class
 and model classes that build the dense modules and shrink them to the layout before the weights load,
 so ``AutoModelFor...from_pretrained(dir)`` just works. A transformers process that has not imported
-prunetune does not know the model type and stops before touching a weight.
+prunetune does not know the model type and stops before touching a weight. A model with nothing pruned (no
+layout) is written with its stock config, which transformers loads on its own.
+
+Every export carries a model card (README.md, the Hugging Face layout): YAML metadata, whether it needs
+prunetune and how to load it, what was pruned per layer against the dense model, and the method, settings, data
+and metrics its caller gives.
 """
 
 from __future__ import annotations
@@ -388,7 +393,7 @@ CARD_KEYS = frozenset({"method", "settings", "task", "data", "metrics", "base_mo
 GLUE_DATASET = "nyu-mll/glue"  # the hub dataset of the GLUE tasks (prunetune's bundled samples come from it)
 PATH_PLACEHOLDER = "path/to/this/directory"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-_HUB_CACHE_DIR = re.compile(r"models--([\w.-]+)--([\w.-]+)")  # huggingface_hub's cache: models--org--name
+_HUB_CACHE_DIR = re.compile(r"models--([\w.-]+)")  # huggingface_hub's cache: models--org--name, models--name
 
 
 def check_card(card: dict | None) -> None:
@@ -434,8 +439,8 @@ def _provenance(top: nn.Module) -> dict:
         cached = next((m for part in local.parts if (m := _HUB_CACHE_DIR.fullmatch(part))), None)
         if "prunetune" in (meta.get("tags") or []) and meta.get("base_model"):
             out["base_model"] = meta["base_model"]
-        elif cached:
-            out["base_model"] = f"{cached.group(1)}/{cached.group(2)}"
+        elif cached:  # hub repository names never hold "--", which the cache puts for "/"
+            out["base_model"] = cached.group(1).replace("--", "/")
     elif _HUB_ID.fullmatch(source):
         out["base_model"] = source
     return out
