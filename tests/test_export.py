@@ -45,7 +45,9 @@ def shapes(model) -> dict[str, tuple]:
 def assert_only_safe_files(path) -> None:
     files = [p for p in path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files)
-    assert all(p.suffix in (".safetensors", ".json") for p in files), sorted(p.name for p in files)
+    # weights, JSON and the model card (text): nothing that unpickles
+    assert all(p.suffix in (".safetensors", ".json") or p.name == "README.md" for p in files), sorted(
+        p.name for p in files)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +113,23 @@ def test_t5_export_generates_like_the_pruned_model(exported):
         assert torch.equal(again.generate(**inputs, **kw), model.generate(**inputs, **kw))
 
 
-def test_plain_transformers_refuses_the_export_with_a_clear_message(exported):
+def test_plain_transformers_refuses_the_export_with_a_clear_message(exported, tmp_path):
     _, path = exported["bert"]
-    code = f"import transformers\ntransformers.AutoModelForSequenceClassification.from_pretrained({str(path)!r})\n"
+    dense = tiny("bert")
+    save_compact(dense, tmp_path / "dense")  # nothing pruned: a stock export, which transformers alone loads
+    ids = tiny_inputs("bert")["input_ids"]
+    code = (
+        "import sys, torch, transformers\n"
+        f"stock = transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'dense')!r})\n"
+        f"torch.save(stock.eval()(torch.tensor({ids.tolist()})).logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "print('stock loaded', file=sys.stderr)\n"
+        f"transformers.AutoModelForSequenceClassification.from_pretrained({str(path)!r})\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "stock loaded" in proc.stderr, proc.stderr
+    with torch.no_grad():  # the same weights (another thread count: summation order may differ)
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt").detach(), dense(ids).logits, atol=1e-6, rtol=0)
     assert proc.returncode != 0
     assert "import prunetune" in proc.stderr
     text = proc.stderr.lower()
@@ -209,7 +223,7 @@ def test_output_dirs_have_normal_permissions(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     # safetensors writes its files 0600: the output's files are as readable as umask allows, too
     assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {
-        "config.json": 0o644, "model.safetensors": 0o644, MARKER: 0o644}
+        "config.json": 0o644, "model.safetensors": 0o644, "README.md": 0o644, MARKER: 0o644}
 
 
 def test_a_failed_run_keeps_the_previous_result(tmp_path, monkeypatch):

@@ -287,11 +287,46 @@ AUTO_MAPPINGS: dict[str, str] = {
 }
 
 
+# The Hugging Face hub task (a model card's ``pipeline_tag``) of the heads each Auto class builds; the heads of the
+# other Auto classes (multiple choice, pre-training, next sentence) have none.
+PIPELINE_TAGS: dict[str, str] = {
+    "AutoModel": "feature-extraction",
+    "AutoModelForTextEncoding": "feature-extraction",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+}
+
+
 def auto_class_names(auto_class: str) -> dict[str, str]:
     """{model_type: architecture class name} that the named stock Auto class builds."""
     from transformers.models.auto import modeling_auto
 
     return getattr(modeling_auto, AUTO_MAPPINGS[auto_class])
+
+
+def stock_tokenizer_class(model_type: str) -> type | None:
+    """The tokenizer class AutoTokenizer picks for a stock model type when the checkpoint's files name none."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+    return TOKENIZER_MAPPING.get(CONFIG_MAPPING[model_type], None)
+
+
+def auto_class_of(model: nn.Module) -> str | None:
+    """The first of the family's Auto classes that builds this model's architecture (head included), or None."""
+    top = unwrap(model)
+    fam = family_of(top)
+    base_type = getattr(top.config, "prunetune_base_model_type", None) or top.config.model_type
+    name = type(top).__name__.removeprefix("Prunetune")  # an export reloaded: the registered subclass
+    for auto_name in fam.auto_classes:
+        built = auto_class_names(auto_name).get(base_type)
+        if name == built or (isinstance(built, tuple) and name in built):
+            return auto_name
+    return None
 
 
 def family_of(model_or_config) -> Family:

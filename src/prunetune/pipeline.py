@@ -12,7 +12,7 @@ from torch import nn
 from prunetune import models, tasks
 from prunetune.data import check_max_length, check_tokenizer
 from prunetune.errors import PrunetuneError
-from prunetune.export import atomic_dir, check_output_dir, save_compact
+from prunetune.export import atomic_dir, check_output_dir, needs_prunetune, save_compact
 from prunetune.importance import Scores, compute, heatmap, rank_correlation
 from prunetune.plan import Budget, PruningPlan, layer_param_count, model_info, select
 from prunetune.surgery import apply_plan
@@ -130,11 +130,14 @@ def run_prune(
         "notes": notes,
     }
     # without a task no tokenizer was loaded: its files are copied as they are (a model may have none)
+    settings = {"plan": plan} if plan else {"scorer": scorer, **{k: v for k, v in vars(budget).items() if v}}
     save_compact(net, out, tok, overwrite=overwrite, extra={"plan.json": the_plan.to_dict(), "prune.json": report},
-                 copy_files=[] if tok is not None else models.tokenizer_files(location), inputs=inputs)
+                 copy_files=[] if tok is not None else models.tokenizer_files(location), inputs=inputs,
+                 card={"method": "prune", "task": task, "settings": settings})
     return report
 
 
 def run_info(path: str) -> dict:
-    """Shapes and parameter counts of a model (or export) as it is, with its own head."""
-    return model_info(models.load_native(models.resolve(path)))
+    """Shapes and parameter counts of a model (or export) as it is, with its own head; whether it is stock."""
+    net = models.load_native(models.resolve(path))
+    return {**model_info(net), "needs_prunetune": needs_prunetune(net.config)}

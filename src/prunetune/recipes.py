@@ -29,7 +29,7 @@ from torch import nn
 from prunetune import adapters, tasks
 from prunetune.data import DEFAULT_DEV_FRACTION, DataSource, check_max_length, check_tokenizer, file_digest
 from prunetune.errors import PrunetuneError, PrunetuneWarning
-from prunetune.export import atomic_dir, check_output_dir, save_compact
+from prunetune.export import atomic_dir, check_output_dir, save_compact, write_model_card
 from prunetune.families import unwrap
 from prunetune.importance import Scores, block_importance, compute, get_scorer, heatmap
 from prunetune.models import load_tokenizer, resolve
@@ -449,11 +449,14 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         merged = adapters.merge(result.model)
         # the export says which task its head was trained for, and on which rows (prunetune evaluate reads it)
         tasks.tag_model(merged, task, trained=True, held_out=loaders.data.get("held_out"))
-        save_compact(merged, tmp / "model", tokenizer)
+        card = {"method": cfg.method, "task": cfg.task, "data": tasks.data_summary(loaders.data), "settings": {
+            k: v for k, v in cfg.effective().items() if k not in ("task", "method", "out", "overwrite", "progress")}}
+        save_compact(merged, tmp / "model", tokenizer, card=card)
         # the report's metric comes from the exported model as `prunetune evaluate` will load it
         status("evaluating the exported model")
         reloaded = task.load_model(str(tmp / "model"))
         metrics, timing = _timed_evaluation(task, reloaded, dev_loader)
+        write_model_card(tmp / "model", reloaded, {**card, "metrics": metrics})  # the export's own metrics
         info = model_info(reloaded)
         if "timeline" in result.extra:
             from prunetune.apt import plot_timeline
