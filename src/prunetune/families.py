@@ -585,7 +585,10 @@ def _full_position_bias(attn: nn.Module, args: tuple, kwargs: dict, full_heads: 
         past = cache.get_seq_length(attn.layer_idx)
         # a static cache returns its length counter itself, which the block's update advances in place
         past = past.clone() if isinstance(past, torch.Tensor) else past
-        k_len = int(cache.get_mask_sizes(q_len, attn.layer_idx)[0])
+        k_len = cache.get_mask_sizes(q_len, attn.layer_idx)[0]
+        # Under torch.jit.trace (ONNX export) sizes are traced values: int() would bake the traced key length
+        # into the graph, and a decoder step with another past length would get a bias of the wrong width.
+        k_len = k_len if torch.jit.is_tracing() else int(k_len)
     else:
         k_len = q_len
     if getattr(attn, "has_relative_attention_bias", False):
