@@ -116,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--seed", type=int, default=42, help="the run's seed (picks the same --eval-limit subset)")
+
+    p = sub.add_parser("export-onnx", help="export a model directory to ONNX and check it in ONNX Runtime")
+    p.add_argument("model", help="model directory (a prunetune export or a stock checkpoint)")
+    p.add_argument("--out", required=True, help="the .onnx file (causal LMs and T5 add <stem>.<graph>.onnx beside)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 14-20 (default: torch's)")
+    p.add_argument("--dynamic-axes", action=argparse.BooleanOptionalAction, default=True,
+                   help="dynamic batch and sequence axes (default); --no-dynamic-axes fixes them to the trace shape")
+    p.add_argument("--batch-size", type=int, default=2, help="trace shape (the fixed one with --no-dynamic-axes)")
+    p.add_argument("--seq-len", type=int, default=16, help="trace shape (the fixed one with --no-dynamic-axes)")
+    p.add_argument("--quantize", choices=["int8"], help="also write <stem>.int8.onnx (dynamic int8 quantisation)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare ONNX Runtime with PyTorch and write nothing beyond --atol (default)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest absolute difference accepted (default 1e-4)")
+    p.add_argument("--auto-class", help="load with this transformers Auto class instead of the saved architecture's")
+    p.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -167,6 +182,14 @@ def run(argv: list[str] | None = None) -> int:
 
         _print(evaluate_export(args.model, args.task, data=args.data, max_length=args.max_length,
                                batch_size=args.batch_size, eval_limit=args.eval_limit, seed=args.seed))
+    elif args.command == "export-onnx":
+        from prunetune.onnx_export import export_onnx
+
+        _print(export_onnx(
+            args.model, args.out, opset=args.opset, dynamic=args.dynamic_axes, quantize=args.quantize,
+            verify=args.verify, auto_class=args.auto_class, atol=args.atol, batch_size=args.batch_size,
+            seq_len=args.seq_len, overwrite=args.overwrite,
+        ))
     return 0
 
 
