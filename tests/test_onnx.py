@@ -91,6 +91,8 @@ def check_against_model(model, report: dict, family: str) -> None:
     with torch.no_grad():
         if report["kind"] == "single":
             inputs = with_eos(family, inputs)
+            if "token_type_ids" in graphs["model"]["inputs"]:  # BERT: a sentence pair, segment 1 from position 5
+                inputs["token_type_ids"] = (torch.arange(11) >= 5).long().expand(4, 11) * inputs["attention_mask"]
             ref = model(**inputs)
             got = session(graphs["model"]["file"]).run(None, np_inputs(inputs))
             for name, value in zip(graphs["model"]["outputs"], got, strict=True):
@@ -135,6 +137,8 @@ def test_round_trip_every_head(family, auto_class, variant, tmp_path):
             kept = heads.get(f"{lay['layer']}/self")
             assert lay["empty"] == (kept == [])
             assert lay["past_shape"] == ([1, 1] if lay["empty"] else [lay["kv_heads"], lay["head_dim"]])
+    if report["kind"] == "single":  # segment ids matter to BERT (2 types); RoBERTa embeds one: no such input
+        assert ("token_type_ids" in report["graphs"]["model"]["inputs"]) == (family == "bert")
     check_against_model(model, report, family)
 
 
@@ -281,7 +285,7 @@ def test_opset_and_int8_copies(tmp_path):
     linears = [n for n in fp32.node if n.op_type == "Gemm" or (n.op_type == "MatMul" and n.input[1] in weights)]
     assert len(linears) == sum(n.op_type == "MatMulInteger" for n in int8.node) > 0  # every linear is int8
     assert np.isfinite(q["max_abs_diff"]) and q["max_abs_diff"] > 0  # reported, not held to the tolerance
-    inputs = tiny_inputs("bert")
+    inputs = {**tiny_inputs("bert"), "token_type_ids": torch.zeros(3, 9, dtype=torch.long)}
     got = session(q["files"][0]).run(None, np_inputs(inputs))[0]
     assert got.shape == (3, 2) and np.isfinite(got).all()
 

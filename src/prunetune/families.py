@@ -386,6 +386,12 @@ def hidden_size(model: nn.Module) -> int:
     return emb.weight.shape[1]
 
 
+def token_types(model: nn.Module) -> int:
+    """How many token types (segments) the model embeds: 2 for BERT, 1 for RoBERTa, 0 without such a table."""
+    emb = get(base_model(model), "embeddings.token_type_embeddings")
+    return int(emb.num_embeddings) if emb is not None else 0
+
+
 def all_norms(model: nn.Module) -> list[nn.Module]:
     """Every norm of width `hidden`: in the layers, after the embeddings and at the end of each stack."""
     fam = family_of(unwrap(model))

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.families import Family, family_of, layer_sites
+from prunetune.families import Family, family_of, layer_sites, token_types
 
 TOLERANCE = 1e-4
 QUANTIZE_CHOICES = ("int8",)
@@ -157,7 +157,7 @@ def _pairs(flat: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Ten
 
 
 class HeadGraph(nn.Module):
-    """input_ids, attention_mask -> the head's output tensors."""
+    """input_ids, attention_mask[, token_type_ids] -> the head's output tensors."""
 
     def __init__(self, model: nn.Module, outputs: tuple[str, ...] = ()):
         super().__init__()
@@ -165,13 +165,17 @@ class HeadGraph(nn.Module):
         self.outputs = outputs
         self.kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self.kwargs)
+    def _run(self, input_ids, attention_mask, token_type_ids=None):
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **types, **self.kwargs)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self._run(*inputs)
         return tuple(out[name] for name in self.outputs)
 
-    def output_names(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[str, ...]:
+    def output_names(self, *inputs: torch.Tensor) -> tuple[str, ...]:
         with torch.no_grad():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self.kwargs)
+            out = self._run(*inputs)
         return tuple(k for k, v in out.items() if k not in _NOT_OUTPUTS and isinstance(v, torch.Tensor))
 
 
@@ -265,13 +269,29 @@ class Inputs:
     eos: int | None
     generator: torch.Generator
     choices: int = 0  # multiple choice: (batch, choices, sequence)
+    segments: bool = False  # heads that take token_type_ids (BERT: sentence pairs)
 
     @classmethod
-    def for_model(cls, model: nn.Module, seed: int, choices: int = 0) -> Inputs:
+    def for_model(cls, model: nn.Module, seed: int, choices: int = 0, segments: bool = False) -> Inputs:
         cfg = model.config
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None
-        return cls(cfg.vocab_size, pad, eos, torch.Generator().manual_seed(seed), choices)
+        return cls(cfg.vocab_size, pad, eos, torch.Generator().manual_seed(seed), choices, segments)
+
+    def like(self, seed: int, choices: int | None = None) -> Inputs:
+        """The same kind of inputs from a fresh generator."""
+        choices = self.choices if choices is None else choices
+        return Inputs(self.vocab, self.pad, self.eos, torch.Generator().manual_seed(seed), choices, self.segments)
+
+    def head(self, batch: int, length: int, eos: bool = False) -> tuple[torch.Tensor, ...]:
+        """A single-graph head's inputs: ids, mask and, where the head takes them, segment ids (the second
+        half of each row's real tokens is segment 1, as a tokenised sentence pair)."""
+        ids, mask = self.batch(batch, length, eos=eos)
+        if not self.segments:
+            return ids, mask
+        real = mask.sum(-1, keepdim=True)
+        types = (torch.arange(length) >= real // 2).long() * mask
+        return ids, mask, types
 
     def tokens(self, batch: int, length: int) -> torch.Tensor:
         low = min(8, self.vocab // 2)  # above the usual special ids (pad, eos, bos, unk, cls, sep, mask)
@@ -348,9 +368,9 @@ def _output_axes(module: HeadGraph, data: Inputs, eos: bool) -> dict[str, dict[i
     probes = [(2, 11, 4), (3, 12, 5)]  # (batch, sequence, choices): all distinct, so each dim is told apart
     shapes = []
     for batch, seq, choices in probes:
-        probe = Inputs(data.vocab, data.pad, data.eos, torch.Generator().manual_seed(0), choices * bool(data.choices))
+        probe = data.like(0, choices * bool(data.choices))
         with torch.no_grad():
-            shapes.append([tuple(t.shape) for t in module(*probe.batch(batch, seq, eos=eos))])
+            shapes.append([tuple(t.shape) for t in module(*probe.head(batch, seq, eos=eos))])
     known = dict(zip(probes[0], ("batch", "sequence", "choices"), strict=True))
     axes = {}
     for name, a, b in zip(module.outputs, *shapes, strict=True):
@@ -359,12 +379,13 @@ def _output_axes(module: HeadGraph, data: Inputs, eos: bool) -> dict[str, dict[i
 
 
 def _head_graphs(model, data: Inputs, shapes: Shapes, eos: bool) -> list[Graph]:
-    ids, mask = data.batch(shapes.batch, shapes.seq, eos=eos)
+    example = data.head(shapes.batch, shapes.seq, eos=eos)
+    names = ["input_ids", "attention_mask", "token_type_ids"][: len(example)]
     module = HeadGraph(model)
-    module.outputs = module.output_names(ids, mask)
+    module.outputs = module.output_names(*example)
     in_axes = {0: "batch", 1: "choices", 2: "sequence"} if data.choices else {0: "batch", 1: "sequence"}
-    axes = {"input_ids": in_axes, "attention_mask": in_axes, **_output_axes(module, data, eos)}
-    return [Graph("model", module, ["input_ids", "attention_mask"], list(module.outputs), axes, (ids, mask))]
+    axes = {**{n: in_axes for n in names}, **_output_axes(module, data, eos)}
+    return [Graph("model", module, names, list(module.outputs), axes, example)]
 
 
 def _causal_graphs(model, data: Inputs, shapes: Shapes) -> tuple[list[Graph], list[dict]]:
@@ -519,7 +540,7 @@ def check_graphs(graphs: list[Graph], data: Inputs, shapes: Shapes, runner: Runn
             ref, got = run(by["decoder_with_past"], (step, ref_states, mask, *ref[1:]),
                            (step, got_states, mask, *got[1:]), f"step {s + 1}")
     else:
-        inputs = data.batch(batch, seq, eos=eos)
+        inputs = data.head(batch, seq, eos=eos)
         run(by["model"], inputs, inputs, "model")
     return diffs
 
@@ -591,7 +612,9 @@ def export_onnx(
     family = family_of(model)
     encoder_decoder = [s.name for s in family.stacks] == ["encoder", "decoder"]
     eos = encoder_decoder  # T5 inputs end in eos (its sequence classifier pools there)
-    data = Inputs.for_model(model, seed, choices=_CHOICES if auto_class == "AutoModelForMultipleChoice" else 0)
+    choices = _CHOICES if auto_class == "AutoModelForMultipleChoice" else 0
+    # segment ids are an input where they change the answer (BERT's 2 types; RoBERTa embeds 1, all zeros)
+    data = Inputs.for_model(model, seed, choices, segments=token_types(model) > 1)
     shapes = Shapes(batch_size, seq_len, dynamic)
     layout: list[dict] = []
     if auto_class == "AutoModelForCausalLM":
@@ -645,6 +668,7 @@ def export_onnx(
                             outputs=g.outputs,
                             opset=max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
 
+        check_state = data.generator.get_state()  # the int8 copies are checked on the same inputs
         if verify:
             try:
                 diffs = check_graphs(graphs, data, shapes, ort_runner, eos)
@@ -671,8 +695,8 @@ def export_onnx(
             quantized: dict = {"type": quantize, "files": [str(targets[f"{q.name}.int8"]) for q in int8],
                                "bytes": {q.name: q.file.stat().st_size for q in int8}}
             if verify:
-                data_q = Inputs.for_model(model, seed, choices=data.choices)  # the same inputs as the fp32 check
-                qd = check_graphs(int8, data_q, shapes, ort_runner, eos)
+                data.generator.set_state(check_state)
+                qd = check_graphs(int8, data, shapes, ort_runner, eos)
                 quantized["steps"] = qd.pop("_steps")
                 quantized["graphs"] = qd
                 quantized["max_abs_diff"] = max(v for d in qd.values() for v in d.values())
