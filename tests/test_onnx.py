@@ -22,7 +22,7 @@ import prunetune.onnx_export as onnx_export  # noqa: E402
 from prunetune.cli import main  # noqa: E402
 from prunetune.errors import PrunetuneError  # noqa: E402
 from prunetune.export import save_compact  # noqa: E402
-from prunetune.families import FAMILIES  # noqa: E402
+from prunetune.families import FAMILIES, token_types  # noqa: E402
 from prunetune.onnx_export import TOLERANCE, export_onnx  # noqa: E402
 from prunetune.plan import PruningPlan  # noqa: E402
 from prunetune.surgery import apply_plan  # noqa: E402
@@ -91,7 +91,7 @@ def check_against_model(model, report: dict, family: str) -> None:
     with torch.no_grad():
         if report["kind"] == "single":
             inputs = with_eos(family, inputs)
-            if "token_type_ids" in graphs["model"]["inputs"]:  # BERT: a sentence pair, segment 1 from position 5
+            if "token_type_ids" in graphs["model"]["inputs"]:  # a sentence pair: segment 1 from position 5
                 inputs["token_type_ids"] = (torch.arange(11) >= 5).long().expand(4, 11) * inputs["attention_mask"]
             ref = model(**inputs)
             got = session(graphs["model"]["file"]).run(None, np_inputs(inputs))
@@ -137,8 +137,8 @@ def test_round_trip_every_head(family, auto_class, variant, tmp_path):
             kept = heads.get(f"{lay['layer']}/self")
             assert lay["empty"] == (kept == [])
             assert lay["past_shape"] == ([1, 1] if lay["empty"] else [lay["kv_heads"], lay["head_dim"]])
-    if report["kind"] == "single":  # segment ids matter to BERT (2 types); RoBERTa embeds one: no such input
-        assert ("token_type_ids" in report["graphs"]["model"]["inputs"]) == (family == "bert")
+    if report["kind"] == "single":  # segment ids are an input where the model embeds more than one type
+        assert ("token_type_ids" in report["graphs"]["model"]["inputs"]) == (token_types(model) > 1)
     check_against_model(model, report, family)
 
 
