@@ -308,8 +308,8 @@ def leftovers(folder) -> list[str]:
 
 def test_failed_check_writes_nothing(bert_dir, tmp_path, monkeypatch):
     real = onnx_export._diffs
-    monkeypatch.setattr(onnx_export, "_diffs", lambda *a: {k: v + 1.0 for k, v in real(*a).items()})
-    with pytest.raises(PrunetuneError, match="differs from PyTorch by .* nothing written"):
+    monkeypatch.setattr(onnx_export, "_diffs", lambda *a: {k: (v + 1, e + 1) for k, (v, e) in real(*a).items()})
+    with pytest.raises(PrunetuneError, match="differs from PyTorch by .* graph: nothing written"):
         export_onnx(bert_dir, tmp_path / "model.onnx", quantize="int8")
     assert leftovers(tmp_path) == []
 
@@ -364,3 +364,13 @@ def test_cli_export_onnx(bert_dir, tmp_path, capsys):
     assert main(["export-onnx", str(bert_dir), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("prunetune: error:") and "already exists" in err and "\n" not in err
+
+
+def test_check_tolerance_scales_with_the_values():
+    """|ORT - PyTorch| <= atol + rtol x |PyTorch| (numpy.allclose's rule): 5e-4 on a logit of 100 passes at
+    rtol 1e-5, on a logit of 1 it does not; the reported difference is the plain one."""
+    ref = (torch.tensor([100.0, 1.0]),)
+    d = onnx_export._diffs(["x"], ref, [np.array([100.0005, 1.0], np.float32)], 1e-5)["x"]
+    assert d[0] == pytest.approx(5e-4, rel=0.02) and d[1] < TOLERANCE
+    d = onnx_export._diffs(["x"], ref, [np.array([100.0, 1.0005], np.float32)], 1e-5)["x"]
+    assert d[1] > TOLERANCE

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="also write <stem>.int8.onnx (dynamic int8 quantisation)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="compare ONNX Runtime with PyTorch and write nothing beyond --atol (default)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest absolute difference accepted (default 1e-4)")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the check (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of the check (default 1e-5)")
     p.add_argument("--auto-class", help="load with this transformers Auto class instead of the saved architecture's")
     p.add_argument("--overwrite", action="store_true")
     return parser
@@ -187,8 +188,8 @@ def run(argv: list[str] | None = None) -> int:
 
         _print(export_onnx(
             args.model, args.out, opset=args.opset, dynamic=args.dynamic_axes, quantize=args.quantize,
-            verify=args.verify, auto_class=args.auto_class, atol=args.atol, batch_size=args.batch_size,
-            seq_len=args.seq_len, overwrite=args.overwrite,
+            verify=args.verify, auto_class=args.auto_class, atol=args.atol, rtol=args.rtol,
+            batch_size=args.batch_size, seq_len=args.seq_len, overwrite=args.overwrite,
         ))
     return 0
 
