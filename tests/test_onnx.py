@@ -190,6 +190,8 @@ LLAMA_CASES = {
     # layer 0's cache entry is where transformers reads the past length (masks, positions): a placeholder there
     "layer0_empty": {"decoder.0/self": []},
     "whole_groups": {"decoder.0/self": [3, 4, 5], "decoder.1/self": [0, 1, 2], "decoder.2/self": []},
+    # no attention left: nothing reads the mask, yet the graphs take the inputs every causal-LM export takes
+    "every_layer_empty": {"decoder.0/self": [], "decoder.1/self": [], "decoder.2/self": []},
 }
 
 
@@ -197,6 +199,8 @@ LLAMA_CASES = {
 def test_causal_lm_decodes_with_past_like_generate(case, tmp_path):
     model = build("llama", "AutoModelForCausalLM", LLAMA_CASES[case])
     report = export_dir(model, tmp_path)
+    for g in report["graphs"].values():  # every graph declares (and takes) the inputs the report lists
+        assert [i.name for i in session(g["file"]).get_inputs()] == g["inputs"]
     inputs = tiny_inputs("llama", batch=3, length=9, seed=3)
     inputs["attention_mask"] = inputs["attention_mask"].flip(1)  # left padding, as generation pads
     inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, 0)

@@ -211,6 +211,27 @@ class CausalLMGraph(nn.Module):
         return (out["logits"], *_present(cache))
 
 
+class KeepInputs(nn.Module):
+    """The same graph, with inputs the traced ops never read tied into its first output (times zero).
+
+    The exporter leaves out inputs no op reads: a model whose every attention block was emptied never reads its
+    attention mask. Every export of a head keeps the same inputs, so an application feeds a pruned model as it
+    fed the dense one.
+    """
+
+    def __init__(self, module: nn.Module, unused: list[int]):
+        super().__init__()
+        self.inner = module
+        self.unused = unused
+
+    def forward(self, *inputs: torch.Tensor):
+        out = self.inner(*inputs)
+        first, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+        for i in self.unused:
+            first = first + inputs[i].sum().to(first.dtype) * 0
+        return (first, *rest) if isinstance(out, tuple) else first
+
+
 class EncoderGraph(nn.Module):
     """Encoder of an encoder-decoder: input_ids, attention_mask -> last_hidden_state."""
 
@@ -675,6 +696,11 @@ def export_onnx(
             if len(list(g.file.parent.iterdir())) > 1:  # tensors written beside the graph: over protobuf's 2 GB
                 raise PrunetuneError(f"the {g.name} graph is over 2 GB (ONNX external data), which is not supported")
             proto = onnx.load(str(g.file), load_external_data=False)
+            declared = {i.name for i in proto.graph.input}
+            if unused := [i for i, name in enumerate(g.inputs) if name not in declared]:
+                g.module = KeepInputs(g.module, unused)
+                _trace(g, g.file, opset, dynamic)
+                proto = onnx.load(str(g.file), load_external_data=False)
             g.report.update(file=str(targets[g.name]), bytes=g.file.stat().st_size, inputs=g.inputs,
                             outputs=g.outputs,
                             opset=max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
