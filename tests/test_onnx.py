@@ -156,6 +156,18 @@ def test_pruned_layout_reaches_the_graph(tmp_path):
         assert declared[f"past_key_values.{i}.key"] == ["batch", heads, "past_sequence", width]
 
 
+def test_emptied_bert_decoder_layer_keeps_a_cache_entry():
+    """BERT as a causal LM: a layer whose attention core was emptied still has a (placeholder) cache entry, so
+    the exported graphs have a present for every layer."""
+    model = build("bert", "AutoModelForCausalLM", {"encoder.1/self": []})
+    ids, mask = onnx_export.Inputs.for_model(model, 0).batch(2, 8, left=True)
+    with torch.no_grad():
+        live = onnx_export.CausalLMGraph(model, with_past=False)(ids, mask)[1:]
+    layout = onnx_export.past_layout(model, live)
+    assert [lay["past_shape"] for lay in layout] == [[4, 8], [1, 1], [4, 8]]
+    assert all(t.shape[2] == 8 for t in live)  # every entry holds the whole sequence
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Decoding with past key values, against generate() with its cache
 # ---------------------------------------------------------------------------------------------------------

@@ -468,13 +468,6 @@ def cache_argument(kwargs: dict) -> Cache | None:
     return None
 
 
-class EmptyCore(nn.Module):
-    """BERT-style attention core with no head: a zero-width output, so the output projection adds its bias."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return hidden_states[..., :0], None
-
-
 class EmptyAttention(nn.Module):
     """Attention with no head whose output projection lives inside it (LLaMA, T5).
 
@@ -530,6 +523,25 @@ class EmptyAttention(nn.Module):
         return out, None
 
 
+class EmptyCore(nn.Module):
+    """BERT-style attention core with no head: a zero-width output, so the output projection adds its bias.
+
+    As a decoder (BERT/RoBERTa causal LM) its layer's KV-cache entry is kept in step with placeholders, as
+    :class:`EmptyAttention` does: without it the entry stayed empty and an exported graph had no present for it.
+    """
+
+    _track_cache = EmptyAttention._track_cache
+
+    def __init__(self, layer_idx: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attention = True
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self._track_cache(hidden_states, kwargs)
+        return hidden_states[..., :0], None
+
+
 _T5_BIAS_ATTRS = (
     "relative_attention_bias",
     "has_relative_attention_bias",
@@ -547,7 +559,7 @@ def make_empty_attention(site: AttentionSite) -> tuple[str, nn.Module]:
     """The path (relative to the layer) and module that replace an attention block with no head left."""
     spec = site.spec
     if spec.empty == "core":
-        return spec.core, EmptyCore()
+        return spec.core, EmptyCore(getattr(get(site.layer, spec.core), "layer_idx", None))
     o_name = spec.o.rpartition(".")[2]
     keep = _T5_BIAS_ATTRS if spec.position_bias else ()
     return spec.module, EmptyAttention(site.module, o_name, keep, self_attention=spec.name == "self")
