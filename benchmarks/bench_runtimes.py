@@ -17,9 +17,10 @@ to the same model's in PyTorch.
 Target: the pruned model in ONNX Runtime at <= 0.35 of the dense PyTorch latency at 32 x 128, its accuracy
 within 0.1 point of the pruned PyTorch model's.
 
-``--llm``: SmolLM2-135M dense and pruned (``prunetune prune smollm2 --keep-params``, data-free magnitude
-scores, unless ``--llm-pruned``), prefill of a ``--prompt-len`` prompt and per-token greedy decode with the
-KV cache (``--new-tokens``), in PyTorch and in ONNX Runtime (the exported graphs with past key values).
+``--llm``: SmolLM2-135M dense and pruned (``prunetune prune smollm2 --heads-keep 0.34 --neurons-keep 0.4``,
+data-free magnitude scores: about 42% of the layer parameters; or ``--llm-pruned``): prefill of a
+``--prompt-len`` prompt and per-token decode with the KV cache (``--new-tokens``), in PyTorch and in ONNX
+Runtime (the exported graphs with past key values).
 """
 
 from __future__ import annotations
@@ -100,9 +101,12 @@ def build_llms(args, work: Path) -> dict[str, Path]:
     if args.llm_pruned:
         dirs["pruned"] = model_dir(args.llm_pruned)
     else:
-        out = work / f"smollm2_k{args.keep_params:g}"
+        # Fractions of heads and neurons, not --keep-params: the data-free magnitude scores of heads and neurons
+        # are not in one unit, and at keep-params 0.4 the selection removed all 270 heads of SmolLM2.
+        out = work / f"smollm2_h{args.llm_heads_keep:g}_n{args.llm_neurons_keep:g}"
         if not (out / "config.json").exists():
-            _cli("prune", "smollm2", "--keep-params", str(args.keep_params), "--out", str(out), "--overwrite")
+            _cli("prune", "smollm2", "--heads-keep", str(args.llm_heads_keep), "--neurons-keep",
+                 str(args.llm_neurons_keep), "--out", str(out), "--overwrite")
         dirs["pruned"] = out
     return dirs
 
@@ -461,7 +465,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, help="score this many SST-2 dev examples (default: all 872)")
     p.add_argument("--atol", type=float, default=1e-4, help="export check: largest difference from PyTorch")
     p.add_argument("--llm", action="store_true", help="SmolLM2 prefill and decode instead of the classifier")
-    p.add_argument("--llm-pruned", help="a pruned SmolLM2 export (default: prune smollm2 --keep-params here)")
+    p.add_argument("--llm-pruned", help="a pruned SmolLM2 export (default: pruned here by weight magnitude)")
+    p.add_argument("--llm-heads-keep", type=float, default=0.34,
+                   help="heads the pruned SmolLM2 keeps (default 0.34: 1 query head of each KV group's 3)")
+    p.add_argument("--llm-neurons-keep", type=float, default=0.4, help="FFN neurons it keeps (default 0.4)")
     p.add_argument("--llm-batch-sizes", default="1", help="comma-separated batch sizes for --llm (default 1)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
