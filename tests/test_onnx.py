@@ -306,6 +306,13 @@ def test_opset_and_int8_copies(tmp_path):
     assert got.shape == (3, 2) and np.isfinite(got).all()
 
 
+def test_bf16_checkpoint_exports_in_fp32(tmp_path):
+    model = build("bert", "AutoModelForSequenceClassification", "all").to(torch.bfloat16)
+    report = export_dir(model, tmp_path)
+    assert report["max_abs_diff"] <= TOLERANCE
+    assert [o.type for o in session(report["graphs"]["model"]["file"]).get_outputs()] == ["tensor(float)"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Failures: one line, nothing written
 # ---------------------------------------------------------------------------------------------------------

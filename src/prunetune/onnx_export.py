@@ -129,8 +129,10 @@ def load_for_export(model_dir: str | Path, auto_class: str | None = None) -> tup
         raise PrunetuneError(f"unknown auto class {auto_class!r}: one of {', '.join(family.auto_classes)}")
     # Eager attention: plain matmul/softmax ops that every opset and runtime has. sdpa gains nothing once traced
     # (the exporter decomposes it into the same ops) and brings shape-dependent branches into the trace.
+    # fp32 whatever the checkpoint holds: ONNX Runtime's CPU kernels for bf16/fp16 are few; int8 is --quantize.
     try:
-        model = getattr(transformers, auto_class).from_pretrained(path, attn_implementation="eager")
+        model = getattr(transformers, auto_class).from_pretrained(path, attn_implementation="eager",
+                                                                  dtype=torch.float32)
     except ValueError as e:  # e.g. an Auto class that has no mapping for this model type
         raise PrunetuneError(f"cannot load {path} with {auto_class}: {str(e).strip().splitlines()[0]}") from None
     return model.eval(), auto_class
