@@ -18,7 +18,7 @@ Target: the pruned model in ONNX Runtime at <= 0.35 of the dense PyTorch latency
 within 0.1 point of the pruned PyTorch model's.
 
 ``--llm``: SmolLM2-135M dense and pruned (``prunetune prune smollm2 --heads-keep 0.34 --neurons-keep 0.4``,
-data-free magnitude scores: about 42% of the layer parameters; or ``--llm-pruned``): prefill of a
+data-free magnitude scores: 40% of the layer parameters; or ``--llm-pruned``): prefill of a
 ``--prompt-len`` prompt and per-token decode with the KV cache (``--new-tokens``), in PyTorch and in ONNX
 Runtime (the exported graphs with past key values).
 """
@@ -472,8 +472,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llm-batch-sizes", default="1", help="comma-separated batch sizes for --llm (default 1)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--llm-atol", type=float, default=1e-3,
-                   help="export check for --llm: logits of 30 layers in a 49k vocabulary differ by more than 1e-4")
+    p.add_argument("--llm-atol", type=float, default=5e-3,
+                   help="export check for --llm (default 5e-3): fp32 itself is no closer on SmolLM2's logits (PyTorch "
+                        "fp32 vs fp64: 1.1e-3 dense, 1.7e-3 pruned; eager vs sdpa 1.0e-3 pruned)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--timeout", type=float, default=1800, help="seconds one measuring process may take")
     p.add_argument("--workdir", help="where models and exports are built and kept (default: a temporary directory)")
