@@ -202,8 +202,8 @@ def measure_llm(model: str, *, runtime: str, files: dict | None = None, batch_si
                 new_tokens: int, warmup: int, repeats: int, threads: int, seed: int = 0, compact: bool = True) -> dict:
     """Prefill of a prompt and per-token decode with the KV cache (tokens fed, not sampled: same work per step).
 
-    PyTorch: the model's forward with a DynamicCache; ONNX Runtime: the graph without past for the prefill,
-    then the graph with past, fed its own presents."""
+    PyTorch: the model's forward with a DynamicCache; ONNX Runtime: the graph with past, from an empty past for
+    the prefill, then fed its own presents."""
     import transformers
 
     import prunetune  # noqa: F401  (registers the prunetune_<family> model types)
@@ -223,7 +223,11 @@ def measure_llm(model: str, *, runtime: str, files: dict | None = None, batch_si
             import onnxruntime  # noqa: F401
 
             meter = MemoryMeter("cpu").start()
-            first, step = _session(files["model"], threads), _session(files["with_past"], threads)
+            # one session for the whole generation (the prefill from an empty past): one copy of the weights
+            step = _session(files["with_past"], threads)
+            past_inputs = [i for i in step.get_inputs() if i.name.startswith("past_key_values")]
+            past_names = [i.name for i in past_inputs]
+            empty = {i.name: np.zeros((batch_size, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
         load_peak = meter.read()
         meter.reset_peak()
 
@@ -242,8 +246,7 @@ def measure_llm(model: str, *, runtime: str, files: dict | None = None, batch_si
                         net(input_ids=torch.from_numpy(new[:, t : t + 1]), attention_mask=mask, use_cache=True,
                             position_ids=causal_positions(mask, 1), **{cache_kw: cache})
             else:
-                past_names = [i.name for i in step.get_inputs() if i.name.startswith("past_key_values")]
-                out = first.run(None, {"input_ids": prompt, "attention_mask": mask.numpy()})
+                out = step.run(None, {"input_ids": prompt, "attention_mask": mask.numpy(), **empty})
                 t1 = time.perf_counter()
                 m = mask.numpy()
                 for t in range(new.shape[1]):

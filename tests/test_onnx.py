@@ -186,6 +186,11 @@ def ort_causal_decode(report: dict, ids: torch.Tensor, mask: torch.Tensor, token
     step = session(report["graphs"]["with_past"]["file"])
     names = [n for n in report["graphs"]["with_past"]["inputs"] if n.startswith("past_key_values")]
     out = first.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    # the graph with past runs the prefill too, from a past of length 0: one session can serve a whole generation
+    empty = {f"past_key_values.{i}.{kv}": np.zeros((len(ids), heads, 0, width), np.float32)
+             for i, (heads, width) in enumerate(lay["past_shape"] for lay in report["past"]) for kv in ("key", "value")}
+    again = step.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), **empty})
+    assert all(np.abs(a - b).max() <= 1e-6 for a, b in zip(out, again, strict=True))
     logits = [out[0][:, -1]]
     mask = mask.numpy()
     for t in range(tokens.shape[1] - 1):

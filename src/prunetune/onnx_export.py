@@ -16,10 +16,11 @@ The head is the one the directory was saved with (``config.architectures``), or 
 / ``.value`` in, ``present.<i>.key`` / ``.value`` out, of shape (batch, kv_heads_i, length, head_dim_i) with
 each layer's own kv heads as the pruned model has them (the report's ``past`` lists them). A layer whose
 attention has no head left keeps a placeholder entry (``past_shape`` [1, 1]) that only carries the length.
-The causal LM's position ids are computed inside the graph from the attention mask, as ``generate()`` does,
-so left padding works; the attention mask covers the past and the new tokens. The T5 decoder takes the
-encoder's output and recomputes the cross-attention keys and values at each step (only self-attention is
-cached).
+``model.with_past.onnx`` also runs the prefill, from a past of length 0 (one session, one copy of the weights,
+for a whole generation). The causal LM's position ids are computed inside the graph from the attention mask,
+as ``generate()`` does, so left padding works; the attention mask covers the past and the new tokens. The T5
+decoder takes the encoder's output and recomputes the cross-attention keys and values at each step (only
+self-attention is cached).
 
 Every graph is run in ONNX Runtime on inputs of other shapes than the traced ones (when the axes are dynamic)
 and compared with the PyTorch model; causal LMs and T5 run a prefill and two decode steps, each side feeding
