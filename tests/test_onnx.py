@@ -229,9 +229,11 @@ def test_causal_lm_decodes_with_past_like_generate(case, tmp_path):
         assert_close(g, r)
 
 
+@pytest.mark.parametrize("prompt", [4, 9])
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_sliding_window_models_decode_with_past(family, tmp_path):
-    """Mistral and Qwen2 with a window shorter than the prompt: the presents of sliding layers are trimmed."""
+def test_sliding_window_models_decode_with_past(family, prompt, tmp_path):
+    """Mistral and Qwen2 with a window of 6: prompts shorter and longer than the window, decoding across it, left
+    padded; the graphs are traced at length 16, past the window."""
     base = {k: v for k, v in tiny_config("llama").to_dict().items()
             if k not in ("model_type", "architectures", "transformers_version", "layer_types")}
     if family == "mistral":
@@ -243,10 +245,12 @@ def test_sliding_window_models_decode_with_past(family, tmp_path):
     plan.family = family
     apply_plan(model, plan)
     report = export_dir(model, tmp_path)
-    inputs = tiny_inputs("llama", batch=2, length=9, seed=4)
+    inputs = tiny_inputs("llama", batch=2, length=prompt, seed=4)
     inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    inputs["attention_mask"][0, :2] = 0
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, 0)
     ref = generate(model, inputs)
-    got = ort_causal_decode(report, inputs["input_ids"], inputs["attention_mask"], ref.sequences[:, 9:])
+    got = ort_causal_decode(report, inputs["input_ids"], inputs["attention_mask"], ref.sequences[:, prompt:])
     for g, r in zip(got, ref.logits, strict=True):
         assert_close(g, r)
 

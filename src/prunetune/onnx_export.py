@@ -15,7 +15,8 @@ The head is the one the directory was saved with (``config.architectures``), or 
 ``<stem>[.<graph>].int8.onnx`` are the int8 copies. Past key values are per layer: ``past_key_values.<i>.key``
 / ``.value`` in, ``present.<i>.key`` / ``.value`` out, of shape (batch, kv_heads_i, length, head_dim_i) with
 each layer's own kv heads as the pruned model has them (the report's ``past`` lists them). A layer whose
-attention has no head left keeps a placeholder entry (``past_shape`` [1, 1]) that only carries the length.
+attention has no head left keeps a placeholder entry (``past_shape`` [1, 1]) that only carries the length;
+sliding-window layers (Mistral, Qwen2) keep their whole past, masked to the window.
 ``model.with_past.onnx`` also runs the prefill, from a past of length 0 (one session, one copy of the weights,
 for a whole generation). The causal LM's position ids are computed inside the graph from the attention mask,
 as ``generate()`` does, so left padding works; the attention mask covers the past and the new tokens. The T5
@@ -204,9 +205,11 @@ class CausalLMGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         from transformers import DynamicCache
 
-        # the config picks each layer's cache class (sliding-window layers trim what they keep)
-        config = self.model.config.get_text_config(decoder=True)
-        cache = DynamicCache(_pairs(past), config=config) if self.with_past else DynamicCache(config=config)
+        # Plain layers for every layer, sliding-window ones included (no config): a sliding layer decides in Python
+        # whether it is full yet, which a trace would fix at the traced length, so a graph traced past the window
+        # went wrong before it (and the reverse). A plain layer keeps the whole past and the sliding-window mask,
+        # which the model builds from its config, hides what lies outside the window: the same attention.
+        cache = DynamicCache(_pairs(past)) if self.with_past else DynamicCache()
         positions = causal_positions(attention_mask, input_ids.shape[1])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                          use_cache=True, **{self.cache_kw: cache})
