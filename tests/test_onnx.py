@@ -301,8 +301,8 @@ def test_opset_and_int8_copies(tmp_path):
     import onnx
 
     model = build("bert", "AutoModelForSequenceClassification", "all")
-    report = export_dir(model, tmp_path, opset=14, quantize="int8")
-    assert report["opset"] == 14
+    report = export_dir(model, tmp_path, opset=12, quantize="int8")
+    assert report["opset"] == 12
     q = report["quantized"]
     assert q["files"] == [str(tmp_path / "onnx" / "model.int8.onnx")]
     fp32, int8 = (onnx.load(f).graph for f in (report["graphs"]["model"]["file"], q["files"][0]))
@@ -377,7 +377,7 @@ def test_missing_runtime_says_what_to_install(bert_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"out": "model.bin"}, "must end in .onnx"),
     ({"quantize": "int4"}, "quantize must be one of int8"),
-    ({"opset": 9}, "opset must be between 14 and 20"),
+    ({"opset": 11}, "opset must be between 12 and 20"),
     ({"auto_class": "AutoModelForImageClassification"}, "unknown auto class"),
 ])
 def test_bad_arguments_are_one_line(bert_dir, tmp_path, kwargs, message):

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model directory (a prunetune export or a stock checkpoint)")
     p.add_argument("--out", required=True, help="the .onnx file; a causal LM adds <stem>.with_past.onnx, T5 writes "
                                                  "<stem>.encoder/.decoder/.decoder_with_past.onnx instead")
-    p.add_argument("--opset", type=int, help="ONNX opset, 14-20 (default: torch's)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 12-20 (default 20)")
     p.add_argument("--dynamic-axes", action=argparse.BooleanOptionalAction, default=True,
                    help="dynamic batch and sequence axes (default); --no-dynamic-axes fixes them to the trace shape")
     p.add_argument("--batch-size", type=int, default=2, help="trace shape (the fixed one with --no-dynamic-axes)")

@@ -54,6 +54,9 @@ TOLERANCE = 1e-4
 # into logits of size 20-30 (SmolLM2) that is 2e-4 absolute, fine by any standard but over 1e-4.
 RTOL = 1e-5
 QUANTIZE_CHOICES = ("int8",)
+# 12: the lowest at which every family's graphs were checked (T5's do not load in ONNX Runtime at 11);
+# 20: the newest the TorchScript exporter writes (and its default)
+MIN_OPSET, MAX_OPSET = 12, 20
 INSTALL_HINT = "pip install prunetune[onnx]"
 
 # transformers' table of the architecture each Auto class builds, per model type (modeling_auto.<name>)
@@ -642,9 +645,8 @@ def export_onnx(
         raise PrunetuneError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (got {quantize!r})")
     if batch_size < 1 or seq_len < 4:
         raise PrunetuneError("batch_size must be >= 1 and seq_len >= 4")
-    if opset is not None and not 14 <= opset <= 20:
-        # 14: the first with the ops these models need (Trilu for causal masks); 20: the tracer's newest
-        raise PrunetuneError(f"opset must be between 14 and 20 (got {opset})")
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise PrunetuneError(f"opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
 
     model, auto_class = load_for_export(model_dir, auto_class)
     family = family_of(model)
