@@ -210,6 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="(default 64)")
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--seed", type=int, help="the run's seed (picks the same --eval-limit subset; default 42)")
+
+    p = sub.add_parser("export-onnx", help="export a model directory to ONNX and check it in ONNX Runtime")
+    p.add_argument("model", help="model directory (a prunetune export or a stock checkpoint)")
+    p.add_argument("--out", required=True, help="the .onnx file; a causal LM adds <stem>.with_past.onnx, T5 writes "
+                                                 "<stem>.encoder/.decoder/.decoder_with_past.onnx instead")
+    # defaults live in onnx_export.export_onnx: flags left out are not passed
+    p.add_argument("--opset", type=int, help="ONNX opset, 12-20 (default 20)")
+    p.add_argument("--dynamic-axes", action=argparse.BooleanOptionalAction, dest="dynamic",
+                   help="dynamic batch and sequence axes (default); --no-dynamic-axes fixes them to the trace shape")
+    p.add_argument("--batch-size", type=int, help="trace shape, default 2 (the fixed one with --no-dynamic-axes)")
+    p.add_argument("--seq-len", type=int, help="trace shape, default 16 (the fixed one with --no-dynamic-axes)")
+    p.add_argument("--quantize", choices=["int8"], help="also write <stem>.int8.onnx (dynamic int8 quantisation)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction,
+                   help="compare ONNX Runtime with PyTorch and write nothing beyond --atol (default)")
+    p.add_argument("--atol", type=float, help="absolute tolerance of the check (default 1e-4)")
+    p.add_argument("--rtol", type=float, help="relative tolerance of the check (default 1e-5)")
+    p.add_argument("--auto-class", help="load with this transformers Auto class instead of the saved architecture's")
+    p.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -296,6 +314,12 @@ def run(argv: list[str] | None = None) -> int:
 
         _print(evaluate_export(args.model, args.task, data=args.data,
                                **_given(args, "max_length", "batch_size", "eval_limit", "seed")))
+    elif args.command == "export-onnx":
+        from prunetune.onnx_export import export_onnx
+
+        _print(export_onnx(args.model, args.out, **_given(
+            args, "opset", "dynamic", "quantize", "verify", "auto_class", "atol", "rtol", "batch_size", "seq_len"),
+            overwrite=args.overwrite))
     return 0
 
 

@@ -486,6 +486,12 @@ def hidden_size(model: nn.Module) -> int:
     return emb.weight.shape[1]
 
 
+def token_types(model: nn.Module) -> int:
+    """How many token types (segments) the model embeds: 2 for BERT, 1 for RoBERTa, 0 without such a table."""
+    emb = get(base_model(model), "embeddings.token_type_embeddings")
+    return int(emb.num_embeddings) if emb is not None else 0
+
+
 def all_norms(model: nn.Module) -> list[nn.Module]:
     """Every norm of width `hidden`: in the layers, after the embeddings, at the end of each stack and in a head."""
     fam = family_of(unwrap(model))
@@ -571,13 +577,6 @@ def cache_argument(kwargs: dict) -> Cache | None:
     return None
 
 
-class EmptyCore(nn.Module):
-    """BERT-style attention core with no head: a zero-width output, so the output projection adds its bias."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return hidden_states[..., :0], None
-
-
 class EmptyAttention(nn.Module):
     """Attention with no head whose output projection lives inside it (LLaMA, T5).
 
@@ -633,6 +632,25 @@ class EmptyAttention(nn.Module):
         return out, None
 
 
+class EmptyCore(nn.Module):
+    """BERT-style attention core with no head: a zero-width output, so the output projection adds its bias.
+
+    As a decoder (BERT/RoBERTa causal LM) its layer's KV-cache entry is kept in step with placeholders, as
+    :class:`EmptyAttention` does: without it the entry stayed empty and an exported graph had no present for it.
+    """
+
+    _track_cache = EmptyAttention._track_cache
+
+    def __init__(self, layer_idx: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attention = True
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self._track_cache(hidden_states, kwargs)
+        return hidden_states[..., :0], None
+
+
 _T5_BIAS_ATTRS = (
     "relative_attention_bias",
     "has_relative_attention_bias",
@@ -650,7 +668,7 @@ def make_empty_attention(site: AttentionSite) -> tuple[str, nn.Module]:
     """The path (relative to the layer) and module that replace an attention block with no head left."""
     spec = site.spec
     if spec.empty == "core":
-        return spec.core, EmptyCore()
+        return spec.core, EmptyCore(getattr(get(site.layer, spec.core), "layer_idx", None))
     o_name = spec.o.rpartition(".")[2]
     keep = _T5_BIAS_ATTRS if spec.position_bias else ()
     return spec.module, EmptyAttention(site.module, o_name, keep, self_attention=spec.name == "self")
@@ -694,7 +712,10 @@ def _full_position_bias(attn: nn.Module, args: tuple, kwargs: dict, full_heads: 
         past = cache.get_seq_length(attn.layer_idx)
         # a static cache returns its length counter itself, which the block's update advances in place
         past = past.clone() if isinstance(past, torch.Tensor) else past
-        k_len = int(cache.get_mask_sizes(q_len, attn.layer_idx)[0])
+        k_len = cache.get_mask_sizes(q_len, attn.layer_idx)[0]
+        # Under torch.jit.trace (ONNX export) sizes are traced values: int() would bake the traced key length
+        # into the graph, and a decoder step with another past length would get a bias of the wrong width.
+        k_len = k_len if torch.jit.is_tracing() else int(k_len)
     else:
         k_len = q_len
     if getattr(attn, "has_relative_attention_bias", False):
