@@ -17,7 +17,7 @@ from engine_helpers import word_tokenizer
 from prunetune import recipes, tasks
 from prunetune.cli import main
 from prunetune.tasks.glue import LABEL_WORDS
-from prunetune.tasks.text2text import Text2TextTask, class_scores
+from prunetune.tasks.text2text import class_scores
 
 WORDS = ["the", "a", "movie", "plot", "was", "is", "not", "very", "good", "bad", "great", "dull", "and", "sst2",
          "sentence", ":", "negative", "positive"]
