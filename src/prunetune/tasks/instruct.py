@@ -140,6 +140,11 @@ class InstructTask(Task):
     def _loader(self, records: list[dict], tokenizer, max_length: int, batch_size: int, seed: int | None):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         enc = [encode(tokenizer, r, max_length, self.options.template) for r in records]
+        if not any(label != IGNORE for e in enc for label in e["labels"]):
+            # every response cut off: the loss would be NaN and the perplexity of nothing
+            longest = max(len(e["input_ids"]) for e in enc)
+            raise PrunetuneError(f"no response token fits in --max-length {max_length}: the prompts fill it "
+                                 f"(up to {longest} tokens); raise --max-length")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         return DataLoader(enc, batch_size=batch_size, shuffle=seed is not None, collate_fn=collate(pad), generator=gen)
 
