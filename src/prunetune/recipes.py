@@ -583,8 +583,8 @@ def _evaluation_source(data: str | None, record: dict | None, seed: int) -> tupl
     # the same path, or the same bytes elsewhere: scoring a copy of the training file whole would score
     # training rows
     if held and (Path(held["file"]).resolve() == Path(data).resolve() or held.get("sha256") == file_digest(data)):
-        status(f"{data} is the file the model trained on: scoring only the rows the run held out of it "
-               f"(--dev-fraction {held['dev_fraction']:g}, --seed {held['seed']})")
+        status(f"{data} is the file the model trained on: scoring only the {held.get('by', 'row')}s the run held "
+               f"out of it (--dev-fraction {held['dev_fraction']:g}, --seed {held['seed']})")
         return DataSource(data, dev_fraction=held["dev_fraction"]), held["seed"]
     return DataSource(None, dev_path=data), seed
 
