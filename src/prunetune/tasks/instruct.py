@@ -129,7 +129,12 @@ class InstructTask(Task):
     def read_source(self, location: str | None, split: str) -> tuple[list[dict], str]:
         if location is None:
             raise PrunetuneError("instruction tuning needs --data (a JSON/JSONL of instruction/input/output records)")
-        return read_records(location), location
+        if Path(location).exists() or not tables.is_hub_name(location):
+            return read_records(location), location
+        table, name = tables.load_hub(location, None, "train" if split == "train" else "validation",
+                                      what=f"task {self.name}")
+        tables.require_columns(("instruction", "output"), table.columns, name)
+        return list(table), name
 
     def examples(self, records: list[dict], index: np.ndarray, split: str, source: str) -> list[dict]:
         return [records[i] for i in index]
