@@ -163,7 +163,11 @@ def main() -> None:
         f"Measured {dt.date.today()} on {machine_description()}; peft {version('peft')}, prunetune "
         f"{prunetune.__version__}; {total / 60:.1f} min in all.\n"
     )
-    text = header + "\n" + table(results, infer) + "\n\n" + targets(results, infer)
+    m = next(iter(results.values()))["metrics"]
+    never = m.get("NoAns_total", 0) / m["total"]  # "" is right on every unanswerable question, wrong elsewhere
+    baseline = (f"A model that never answers scores EM = F1 = {100 * never:.2f} on these questions (their share "
+                "without an answer): the floor every row must clear.")
+    text = header + "\n" + table(results, infer) + "\n\n" + baseline + "\n" + targets(results, infer)
     print("\n" + text)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": {**vars(args), "data": str(args.data)},
