@@ -256,3 +256,21 @@ def test_a_label_set_that_does_not_match_the_head_is_refused(run, tmp_path):
         lines = [line for line in err.splitlines() if line.strip()]
         assert rc == 2 and len(lines) == 1 and message in lines[0], err
         assert not out.exists()
+
+
+def test_a_data_name_that_is_no_path_is_tried_as_a_datasets_name(monkeypatch, tmp_path):
+    import datasets
+
+    asked = []
+
+    def offline(name, config=None, split=None):
+        asked.append((name, split))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(PrunetuneError, match=r"--data imdb: no such file or directory, and no `datasets` data set of "
+                                             r"that name could be loaded \(ConnectionError: offline\)"):
+        tasks.get("classify").read("dev", "imdb")
+    assert asked == [("imdb", "train")]  # its dev rows are held out of its train split, like a file's
+    with pytest.raises(PrunetuneError, match="data path does not exist"):
+        tasks.get("classify").read("train", str(tmp_path / "typo.csv"))  # a file name is not tried on the hub

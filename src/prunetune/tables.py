@@ -129,16 +129,20 @@ def split_file(directory: Path, split: str, names: Iterable[str] = ()) -> Path |
     return None
 
 
-def load_hub(name: str, config: str | None, split: str, *, what: str) -> tuple[Table, str]:
-    """The rows and the name of a `datasets` split from the hub; one clear error where it cannot be had
-    (offline, blocked, or no such data set): `what` says what to pass instead."""
+def load_hub(name: str, config: str | None, split: str, *, task: str, given: bool) -> tuple[Table, str]:
+    """The rows and the name of a `datasets` split from the hub; one clear error where it cannot be had (offline,
+    blocked, or no such data set). `given`: the name came from --data (else it is the task's own data set)."""
     import datasets
 
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # offline, blocked or unknown to the hub: all mean "bring your own files"
-        raise PrunetuneError(f"no local data for {what} and loading the data set {name!r} failed "
-                             f"({type(exc).__name__}); pass --data with a file or directory") from exc
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+        if given:
+            raise PrunetuneError(f"--data {name}: no such file or directory, and no `datasets` data set of that "
+                                 f"name could be loaded ({why})") from exc
+        raise PrunetuneError(f"no local data for task {task} and loading the data set {name!r} failed ({why}); "
+                             "pass --data with a file or directory") from exc
     label = f"{name}{f'/{config}' if config else ''}:{split}"
     return Table(ds, ds.column_names, label), label
 

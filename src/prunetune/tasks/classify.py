@@ -153,12 +153,14 @@ class ClassifyTask(Task):
             if self.preset is None:
                 raise PrunetuneError(f"task {self.name} needs --data: a CSV/TSV/JSON/JSONL/Parquet file, or a "
                                      "directory with train and dev files")
-            return tables.load_hub("glue", self.preset.name, self.preset.hub_split(split), what=f"task {self.name}")
+            return tables.load_hub("glue", self.preset.name, self.preset.hub_split(split), task=self.name,
+                                   given=False)
         if Path(location).exists():
             return tables.read_table(location, headerless), location
         if not tables.is_hub_name(location):
             raise PrunetuneError(f"data path does not exist: {location}")
-        return tables.load_hub(location, None, {"train": "train"}.get(split, "validation"), what=f"task {self.name}")
+        return tables.load_hub(location, None, {"train": "train"}.get(split, "validation"), task=self.name,
+                               given=True)
 
     def text_columns(self, columns: Sequence[str], source: str) -> tuple[str, ...]:
         """The text column(s): the options', else the preset's, else the first common names the rows have."""

@@ -132,7 +132,7 @@ class InstructTask(Task):
         if Path(location).exists() or not tables.is_hub_name(location):
             return read_records(location), location
         table, name = tables.load_hub(location, None, "train" if split == "train" else "validation",
-                                      what=f"task {self.name}")
+                                      task=self.name, given=True)
         tables.require_columns(("instruction", "output"), table.columns, name)
         return list(table), name
 

@@ -105,13 +105,12 @@ class QATask(Task):
             if self.preset is None:
                 raise PrunetuneError(f"task {self.name} needs --data: SQuAD JSON, or rows with question, context "
                                      "and answers columns")
-            location = self.preset.hub
         elif Path(location).exists():
             return _read_file(Path(location)), location
         elif not tables.is_hub_name(location):
             raise PrunetuneError(f"data path does not exist: {location}")
-        table, name = tables.load_hub(location, None, "train" if split == "train" else "validation",
-                                      what=f"task {self.name}")
+        table, name = tables.load_hub(location or self.preset.hub, None, "train" if split == "train" else "validation",
+                                      task=self.name, given=location is not None)
         return _column_records(table, name), name
 
     def held_out_index(self, records: list[dict], fraction: float, seed: int) -> np.ndarray:
