@@ -40,18 +40,13 @@ class Loaders:
     data: dict = field(default_factory=dict)  # which rows of which source went where (reports)
 
 
-@dataclass(frozen=True)
-class NoOptions:
-    """A task without options of its own."""
-
-
 class Task(ABC):
     """One task as every command sees it (see the module docstring)."""
 
     kind: ClassVar[str]  # what kind of task: the registry groups presets of one kind
     auto_class: ClassVar[str]  # the stock Auto class that builds the model and head it needs
     families: ClassVar[tuple[str, ...]]  # the model families (families.FAMILIES) it runs on
-    options_class: ClassVar[type] = NoOptions  # its typed options (a dataclass with help metadata)
+    options_class: ClassVar[type]  # its typed options (a frozen dataclass with help metadata, checked on creation)
     metric_names: tuple[str, ...]  # what evaluate returns (besides "main")
     main_metric: str  # the metric that picks the best evaluation; "main" repeats its value
     maximize: bool = True  # its direction
