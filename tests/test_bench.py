@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from prunetune import PruningPlan, apply_plan, save_compact
+from prunetune import PrunetuneError, PruningPlan, apply_plan, save_compact
 from prunetune.bench import (
     MemoryMeter,
     compare_inference,
@@ -97,7 +97,7 @@ def test_measure_inference_loads_a_pruned_export(pruned):
 
 
 def test_measure_inference_refuses_too_long_a_sequence(bert_dir):
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+    with pytest.raises(PrunetuneError, match="longer than the model.s 64 positions"):
         measure_inference(bert_dir, batch_size=1, seq_len=65, repeats=1, threads=1)
 
 

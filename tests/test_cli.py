@@ -276,14 +276,25 @@ BAD_INPUT = {
     "finetune tokenizer of a smaller model": (["finetune", "{ws}/big_vocab", "--task", "sst2", "--max-length", "32"],
                                               "does not belong to this model"),
     # evaluate: a head of another width, or an export made for another task
-    "evaluate more labels than the head": (["evaluate", "{ws}/bert", "--task", "mnli"], "task needs 3"),
-    "evaluate fewer labels than the head": (["evaluate", "{ws}/bert", "--task", "stsb"], "task needs 1"),
+    "evaluate more labels than the head": (["evaluate", "{ws}/bert", "--task", "mnli"], "task mnli needs 3"),
+    "evaluate fewer labels than the head": (["evaluate", "{ws}/bert", "--task", "stsb"], "task stsb needs 1"),
     "evaluate another task": (["evaluate", "{ws}/tagged", "--task", "mrpc"], "fine-tuned for sst2, not mrpc"),
     "evaluate another task with more labels": (["evaluate", "{ws}/tagged", "--task", "mnli"],
                                                "fine-tuned for sst2, not mnli"),
     "evaluate a foreign tokenizer": (["evaluate", "{ws}/big_vocab", "--task", "sst2", "--max-length", "32"],
                                      "does not belong"),
     "evaluate max length": (["evaluate", "{ws}/tagged", "--task", "sst2", "--max-length", "1000"], "positions"),
+    # task options: each task refuses the others' and checks its own
+    "another task's option": (["finetune", "{ws}/bert", "--task", "sst2", "--stride", "16"],
+                              "task sst2 has no option --stride (its options: --text-column, --label-column)"),
+    "a task option without a task": (["prune", "{ws}/bert", "--keep-params", "0.5", "--text-column", "review"],
+                                     "--text-column needs --task"),
+    "three text columns": (["finetune", "{ws}/bert", "--task", "classify", "--text-column", "a", "b", "c"],
+                           "--text-column takes one or two column names"),
+    "a bad QA option": (["finetune", "{ws}/bert", "--task", "squad_v2", "--n-best", "0"],
+                        "--n-best must be a positive whole number"),
+    "QA on an encoder-decoder": (["evaluate", "{ws}/tagged", "--task", "squad-v2", "--data", "{ws}/sst2.tsv"],
+                                 "fine-tuned for sst2, not squad_v2"),
 }
 
 
@@ -330,7 +341,8 @@ def test_evaluate_warns_about_an_untrained_head_and_an_unknown_task(ws, capsys, 
                      "--heads-keep", "0.5", "--out", tmp_path / "pruned")
     assert rc == 0, err
     record = json.loads((tmp_path / "pruned" / "config.json").read_text())["prunetune_task"]
-    assert record == {"name": "sst2", "labels": ["0", "1"], "trained": False}
+    assert record == {"name": "sst2", "labels": ["0", "1"], "trained": False,
+                      "options": {"text_columns": None, "label_column": None}}
     for model, warning in ((tmp_path / "pruned", "was never trained"), (ws / "bert", "does not record its task")):
         rc, text, err = cli(capsys, "evaluate", model, "--task", "sst2", "--data", ws / "sst2.tsv", "--max-length",
                             "32")

@@ -208,7 +208,7 @@ def test_a_task_still_refuses_a_head_of_another_size(tmp_path):
     (tmp_path / "d.tsv").write_text("sentence\tlabel\nthe movie was good\t1\nthe plot was dull\t0\n")
     rc, _, err = cli("prune", src, "--task", "sst2", "--data", tmp_path / "d.tsv", "--heads-keep", "0.5",
                      "--samples", "2", "--out", tmp_path / "out")
-    assert rc == 2 and "3 labels but the task needs 2" in err and not (tmp_path / "out").exists()
+    assert rc == 2 and "3 labels but task sst2 needs 2" in err and not (tmp_path / "out").exists()
 
 
 def test_finetune_a_llama_classifier_writes_a_loadable_model(tmp_path, monkeypatch):

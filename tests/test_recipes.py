@@ -132,7 +132,9 @@ def test_method_writes_a_complete_run(runs, method):
     assert report["precision"] == {"requested": "auto", "used": "fp32", "device": "cpu"}
     assert set(report["config"]) == recipes.COMMON_OPTIONS | recipes.METHOD_OPTIONS[method] - {"extra"}
     record = json.loads((out / "model" / "config.json").read_text())["prunetune_task"]
-    assert record == {"name": "sst2", "labels": ["0", "1"], "trained": True}
+    assert record == {"name": "sst2", "labels": ["0", "1"], "trained": True,
+                      "options": {"text_columns": None, "label_column": None}}
+    assert (report["main_metric"], report["maximize"], report["task_kind"]) == ("accuracy", True, "classify")
     first, *where = stdout.strip().splitlines()
     assert first == report["summary"]
     # then where everything went, each path printed existing
@@ -311,7 +313,7 @@ def test_a_single_data_file_is_split_and_the_run_says_which_rows(ws, tmp_path, m
     assert len(dev_rows) == 6 and len(train_rows) == 58  # a tenth held out (rounded), by --seed 42
     assert not set(train_rows) & set(dev_rows) and sorted(train_rows + dev_rows) == list(range(1, 65))
     assert split["held_out"] == {"file": str(data.resolve()), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
-                                 "dev_fraction": 0.1, "seed": 42}
+                                 "dev_fraction": 0.1, "seed": 42, "by": "row"}
     assert report["data"]["dev"]["examples"] == report["inference"]["dev_examples"] == 6
     assert "held out" in (out / "report.md").read_text()
     # every stage shows itself on stderr, the held-out split first
@@ -456,14 +458,14 @@ def test_an_interrupted_run_leaves_nothing(ws, tmp_path, monkeypatch, exc, metho
 @pytest.mark.slow
 def test_lora_on_the_embedded_model_learns_real_sst2_rows():
     from prunetune import models, tasks
-    from prunetune.data import get_task, load_split, make_loader, tokenize
     from prunetune.train import TrainConfig, fit
 
     location = models.resolve(None)
     tokenizer = models.load_tokenizer(location)
-    model = tasks.get("sst2").load_model(location)
-    rows = load_split(get_task("sst2"), "train", None, limit=64, seed=0)  # the bundled sample
-    loader = make_loader(tokenize(rows, tokenizer, 64), tokenizer, 16, shuffle=True, seed=0)
+    task = tasks.get("sst2")
+    model = task.load_model(location)
+    rows = task.read("train", None, limit=64, seed=0).dataset  # the bundled sample
+    loader = task.train_batches(rows, tokenizer, max_length=64, batch_size=16, seed=0)
     peft_model = adapters.apply_lora(model, rank=8)
     cfg = TrainConfig(epochs=5, lr=2e-3, warmup_ratio=0.1, seed=0, progress=False)
     result = fit(peft_model, loader, lambda m: {"main": 0.0}, cfg, device=torch.device("cpu"))

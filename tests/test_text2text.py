@@ -14,9 +14,10 @@ import transformers
 from conftest import tiny_config
 from engine_helpers import word_tokenizer
 
-from prunetune import recipes
+from prunetune import recipes, tasks
 from prunetune.cli import main
-from prunetune.text2text import LABEL_WORDS, Text2TextGlueTask, class_scores
+from prunetune.tasks.glue import LABEL_WORDS
+from prunetune.tasks.text2text import class_scores
 
 WORDS = ["the", "a", "movie", "plot", "was", "is", "not", "very", "good", "bad", "great", "dull", "and", "sst2",
          "sentence", ":", "negative", "positive"]
@@ -54,7 +55,7 @@ def run_cli(args) -> tuple[int, str, str]:
 
 def test_batches_carry_the_label_word_as_target(ws):
     tok = transformers.AutoTokenizer.from_pretrained(ws / "t5")
-    task = Text2TextGlueTask("sst2")
+    task = tasks.for_family("sst2", "t5")
     loaders = task.loaders(tok, data=str(ws / "sst2"), train_limit=None, eval_limit=None, samples=8, max_length=16,
                            batch_size=8, seed=0)
     targets = task.targets(tok)
@@ -71,7 +72,7 @@ def test_class_scores_are_the_label_words_log_likelihood(ws):
     """Each class's score is minus the seq2seq loss of its label word, summed over its tokens."""
     tok = transformers.AutoTokenizer.from_pretrained(ws / "t5")
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(ws / "t5").eval()
-    task = Text2TextGlueTask("sst2")
+    task = tasks.for_family("sst2", "t5")
     loaders = task.loaders(tok, data=str(ws / "sst2"), train_limit=None, eval_limit=6, samples=4, max_length=16,
                            batch_size=6, seed=0)
     batch = next(iter(loaders.dev))
@@ -113,5 +114,5 @@ def test_a_regression_task_has_no_text_to_text_form(ws, tmp_path):
     rc, _, err = run_cli(["finetune", ws / "t5", "--task", "stsb", "--data", ws / "sst2", "--method", "lora",
                           "--out", tmp_path / "out"])
     lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2 and len(lines) == 1 and "text-to-text" in lines[0]
+    assert rc == 2 and len(lines) == 1 and "not on a t5 model" in lines[0]
     assert not (tmp_path / "out").exists()

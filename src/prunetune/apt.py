@@ -104,8 +104,9 @@ class Timeline:
         })
 
 
-def plot_timeline(rows: list[dict], evals: list[dict], path) -> None:
-    """Parameters, heads, neurons and total LoRA rank at each pruning step, and the metric over training (PNG)."""
+def plot_timeline(rows: list[dict], evals: list[dict], path, metric: str = "main") -> None:
+    """Parameters, heads, neurons and total LoRA rank at each pruning step, and the task's `metric` over training
+    (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +123,6 @@ def plot_timeline(rows: list[dict], evals: list[dict], path) -> None:
     ax1.legend(fontsize=8)
     ax1.set_title("pruning timeline")
     if evals:
-        metric = "perplexity" if "perplexity" in evals[0] else "main"
         ax2.plot([e["step"] for e in evals], [e[metric] for e in evals], marker="o")
         ax2.set_xlabel("optimizer step")
         ax2.set_ylabel(metric)
@@ -194,8 +194,10 @@ class SelfDistiller:
             return task_loss
         teacher = self.teacher_outputs(model, batch)
         t = self.cfg.temperature
-        pred = F.kl_div(F.log_softmax(student.logits / t, -1), F.softmax(teacher.logits / t, -1),
-                        reduction="batchmean") * t * t
+        # every prediction of the head: a classifier's or LM's logits, a QA head's start and end logits
+        heads = [k for k in student if k.endswith("logits")]  # a ModelOutput iterates its keys
+        pred = sum(F.kl_div(F.log_softmax(student[k] / t, -1), F.softmax(teacher[k] / t, -1), reduction="batchmean")
+                   for k in heads) * t * t / len(heads)
         hs_s, hs_t = _layer_states(student), _layer_states(teacher)
         layers = random.sample(range(1, len(hs_s)), min(self.cfg.distill_layers, len(hs_s) - 1))
         mask = batch.get("attention_mask")

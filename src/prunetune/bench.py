@@ -242,17 +242,18 @@ def _import_model_code(model_dir: str, auto_class: str) -> None:
         getattr(transformers, auto_class).from_config(config)
 
 
-def _random_inputs(config, batch_size: int, seq_len: int, device: torch.device, seed: int,
-                   decoder_steps: int = 0) -> dict:
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {limit}")
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
-    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-    if decoder_steps:  # an encoder-decoder scoring a short target (text-to-text classification)
-        inputs["decoder_input_ids"] = ids[:, :decoder_steps].to(device)
-    return inputs
+def inference_task(model_dir: str, task: str | None = None):
+    """The task whose model class and example inputs a benchmark of MODEL_DIR uses: `task`, else the one the
+    export records (prunetune_task), else classification (a text-to-text classifier on an encoder-decoder)."""
+    import json
+
+    from prunetune import tasks
+
+    if task is None:
+        config = Path(model_dir) / "config.json"
+        record = json.loads(config.read_text()).get(tasks.TASK_ATTR) if config.is_file() else None
+        task = (record or {}).get("name") or "classify"
+    return tasks.for_model(task, model_dir)
 
 
 def _layer_params(model) -> int | None:
@@ -304,7 +305,7 @@ def measure_inference(
     warmup: int = 2,
     repeats: int = 10,
     threads: int | None = None,
-    auto_class: str = "AutoModelForSequenceClassification",
+    task: str | None = None,
     attn_implementation: str | None = None,
     seed: int = 0,
     compact: bool = True,
@@ -312,9 +313,10 @@ def measure_inference(
     """Load MODEL_DIR here and time forward passes on random token ids; peak memory above the pre-load baseline.
 
     Run it through :func:`run_isolated` (as :func:`compare_inference` does) for a CPU memory figure that
-    belongs to this model alone. `peak_mem_mb` covers the weights and inference, not the load transient
-    (reported apart as `load_peak_mem_mb`) where the peak can be restarted. On glibc it comes from one pass
-    after :func:`compact_heap` (the timed passes' peak, which varies with the heap's history, is
+    belongs to this model alone. The task (default: the one the export records) gives the model class and the
+    shape of the inputs (an encoder-decoder also decodes). `peak_mem_mb` covers the weights and inference, not
+    the load transient (reported apart as `load_peak_mem_mb`) where the peak can be restarted. On glibc it comes
+    from one pass after :func:`compact_heap` (the timed passes' peak, which varies with the heap's history, is
     `peak_mem_mb_timed`); call it in a process of its own there. `cpu_share` (CPU only) is the
     median share of its threads' CPU time a pass got: well below 1, other processes slowed the timings.
     """
@@ -327,6 +329,8 @@ def measure_inference(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = threads or usable_cores()
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    the_task = inference_task(model_dir, task)
+    auto_class = the_task.auto_class
     _import_model_code(model_dir, auto_class)
     heap = "compact" if device.type == "cpu" and compact and compact_heap() else "default"
     with torch_threads(threads):
@@ -334,8 +338,8 @@ def measure_inference(
         model = getattr(transformers, auto_class).from_pretrained(model_dir, **kw).to(device).eval()
         load_peak = meter.read()
         meter.reset_peak()  # the load transient is not inference; the weights stay above the baseline
-        decoder_steps = 2 if auto_class == "AutoModelForSeq2SeqLM" else 0  # a label word and its end token
-        inputs = _random_inputs(model.config, batch_size, seq_len, device, seed, decoder_steps)
+        inputs = {k: v.to(device) for k, v in the_task.example_inputs(model.config, batch_size, seq_len,
+                                                                        seed=seed).items()}
         with meter:
             times, shares = _time_passes(model, inputs, warmup, repeats, threads)
     return {
@@ -356,6 +360,7 @@ def measure_inference(
         "seq_len": seq_len,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "task": the_task.name,
     }
 
 

@@ -8,6 +8,7 @@ Every user error, argparse's own included, is one ``prunetune: error: ...`` line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -100,12 +101,57 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
     g.add_argument("--round-to", type=int, help="keep FFN widths in multiples of this (default 1)")
 
 
+TASK_OPTION = "task_option:"  # the argparse dest prefix of a task's own options (apart from the command's)
+
+
+def _task_help() -> str:
+    from prunetune import tasks
+
+    return f"a task ({' '.join(tasks.names())}; `prunetune tasks` describes them)"
+
+
+def _add_task_options(p: argparse.ArgumentParser) -> None:
+    """Every registered task's options as flags (built from their dataclasses); a task refuses the others."""
+    import dataclasses
+    import typing
+
+    from prunetune import tasks
+
+    g = p.add_argument_group("task options (`prunetune tasks` lists each task's)")
+    seen: set[str] = set()
+    for name in tasks.names():
+        cls = tasks.options_class(name)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            kind = typing.get_args(hints[f.name]) or (hints[f.name],)
+            base = next(k for k in kind if k is not type(None))
+            kw: dict = {"dest": TASK_OPTION + f.name, "help": f.metadata.get("help")}
+            if typing.get_origin(base) is tuple:
+                kw.update(nargs="+", metavar="COLUMN")
+            elif base is bool:
+                kw.update(action=argparse.BooleanOptionalAction)
+            else:
+                kw.update(type=base)
+            g.add_argument(tasks.option_flag(f), **kw)
+
+
+def task_options(args: argparse.Namespace) -> dict | None:
+    """The task options given on the command line, by field name (None when none was)."""
+    given = {k.removeprefix(TASK_OPTION): v for k, v in vars(args).items()
+             if k.startswith(TASK_OPTION) and v is not None}
+    return given or None
+
+
 def _add_data(p: argparse.ArgumentParser, multi: bool = False) -> None:
     action = "append" if multi else "store"
-    p.add_argument("--task", action=action, help="GLUE task: sst2 cola mrpc qqp stsb mnli qnli rte wnli")
+    p.add_argument("--task", action=action, help=_task_help())
     p.add_argument("--data", action=action,
-                   help="GLUE-format directory or CSV/TSV/JSONL file (a single file: the sample comes from the "
-                        "rows finetune trains on, not those it holds out)")
+                   help="the task's data: a directory with train and dev files, a data file (CSV, TSV, JSON, JSONL, "
+                        "Parquet; the sample comes from the rows finetune trains on, not those it holds out), or a "
+                        "`datasets` name where the hub is reachable")
     p.add_argument("--samples", type=int, help="examples used for importance (default 512)")
     p.add_argument("--max-length", type=int, help="tokens per example (default 128)")
     p.add_argument("--seed", type=int, help="picks the sample and seeds a new task head (default 42, as finetune)")
@@ -127,9 +173,10 @@ def _add_finetune(sub) -> None:
                            for m, opts in METHOD_OPTIONS.items()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="model directory, hub id, or nothing for the embedded MiniLM")
-    p.add_argument("--task", help="GLUE task (sst2 cola mrpc qqp stsb mnli qnli rte wnli) or instruct")
-    p.add_argument("--data", help="GLUE-format directory (train and dev files), or one CSV/TSV/JSONL file, split "
-                                  "into training rows and seeded held-out dev rows (see --dev-fraction)")
+    p.add_argument("--task", help=_task_help())
+    p.add_argument("--data", help="a directory with train and dev files, or one data file (CSV, TSV, JSON, JSONL, "
+                                  "Parquet) split into training rows and seeded held-out dev rows (see --dev-fraction; "
+                                  "QA holds out whole articles), or a `datasets` name where the hub is reachable")
     p.add_argument("--dev-data", help="dev rows from this file (used whole) or GLUE directory instead")
     p.add_argument("--dev-fraction", type=float,
                    help=f"a single --data file: the share held out as dev rows, by --seed {default('dev_fraction')}")
@@ -171,6 +218,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--prune-before-training", action="store_true", default=None,
                    help="apt: prune once on a calibration sample, then tune")
     p.add_argument("--scorer", help="apt --prune-before-training: scorer (default salience_kurtosis)")
+    _add_task_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", action="store_true", default=None, help="also score hidden dims")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", default=None)
+    _add_task_options(p)
 
     p = sub.add_parser("prune", help="remove heads / neurons / hidden dims for real and export the compact model")
     p.add_argument("model", nargs="?")
@@ -194,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", help="importance scorer (default head_grad with --task, magnitude without)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", default=None)
+    _add_task_options(p)
 
     p = sub.add_parser("info", help="parameters, heads, KV heads, FFN width and hidden size per layer")
     p.add_argument("model", nargs="?")
@@ -203,13 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="re-score an exported model on a task")
     p.add_argument("model")
-    p.add_argument("--task", required=True)
-    p.add_argument("--data", help="GLUE-format directory (its dev file), or a file scored whole (the file a "
-                                  "run trained on: only the rows it held out)")
+    p.add_argument("--task", required=True, help=_task_help())
+    p.add_argument("--data", help="a directory (its dev file), or a file scored whole (the file a run trained on: "
+                                  "only the rows, or articles, it held out)")
     p.add_argument("--max-length", type=int, help="(default 128)")
     p.add_argument("--batch-size", type=int, help="(default 64)")
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--seed", type=int, help="the run's seed (picks the same --eval-limit subset; default 42)")
+    _add_task_options(p)
 
     p = sub.add_parser("export-onnx", help="export a model directory to ONNX and check it in ONNX Runtime")
     p.add_argument("model", help="model directory (a prunetune export or a stock checkpoint)")
@@ -228,7 +279,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, help="relative tolerance of the check (default 1e-5)")
     p.add_argument("--auto-class", help="load with this transformers Auto class instead of the saved architecture's")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("tasks", help="list the tasks, the models they run on, their metrics and options")
+    p.add_argument("--json", action="store_true")
     return parser
+
+
+def _tasks_table() -> str:
+    """One line per task (what it is, the models it runs on and how, its metrics), then each set of options once."""
+    from prunetune import tasks
+
+    catalogue = tasks.catalogue()
+    lines = []
+    for t in catalogue:
+        forms = ", ".join(f"{kind} on {'/'.join(fams)}" for kind, fams in t["forms"].items())
+        others = [m for m in t["metrics"] if m != t["main_metric"]]
+        arrow = "higher" if t["maximize"] else "lower"
+        lines.append(f"{t['name']:<11}{t['description']}")
+        lines.append(f"{'':<11}runs as {forms}; main metric {t['main_metric']} ({arrow} is better)"
+                     + (f", also {', '.join(others)}" if others else ""))
+    groups: dict[str, list[str]] = {}
+    text: dict[str, list[str]] = {}
+    for t in catalogue:
+        key = json.dumps(t["options"], default=str)
+        groups.setdefault(key, []).append(t["name"])
+        text[key] = [f"  {o['flag']}: {o['help']}" + ("" if o["default"] is None else f" (default {o['default']})")
+                     for o in t["options"]]
+    lines.append("\noptions (give them with --task on finetune, importance, prune and evaluate):")
+    for key, names in groups.items():
+        lines.append(f"{', '.join(names)}:")
+        lines.extend(text[key] or ["  (none)"])
+    return "\n".join(lines)
 
 
 def _print(obj: dict) -> None:
@@ -270,6 +351,13 @@ def check_flags(args: argparse.Namespace) -> None:
             clash = [_flag(r) for r in replaced if values.get(r) is not None]
             if clash:
                 raise PrunetuneError(f"{_flag(name)} says what to keep: {', '.join(clash)} would be ignored")
+    given = task_options(args) or {}
+    if given and not values.get("task"):  # a task's options mean nothing without the task
+        from prunetune import tasks
+
+        flags = {f.name: tasks.option_flag(f)
+                 for n in tasks.names() for f in dataclasses.fields(tasks.options_class(n))}
+        raise PrunetuneError(f"{', '.join(flags[k] for k in given)} needs --task")
 
 
 def _outputs(report: dict) -> str:
@@ -287,15 +375,16 @@ def run(argv: list[str] | None = None) -> int:
     check_flags(args)
     from prunetune import pipeline
 
+    options = task_options(args)
     if args.command == "importance":
         _print(pipeline.run_importance(
-            args.model, args.task or [], args.out, data=args.data,
+            args.model, args.task or [], args.out, data=args.data, task_options=options,
             **_given(args, "samples", "scorer", "max_length", "hidden", "overwrite", "seed"),
         ))
     elif args.command == "prune":
         report = pipeline.run_prune(
             args.model, args.out, plan=args.plan, budget=_budget(args), task=args.task, data=args.data,
-            **_given(args, "samples", "scorer", "max_length", "overwrite", "seed"),
+            task_options=options, **_given(args, "samples", "scorer", "max_length", "overwrite", "seed"),
         )
         for note in report["notes"]:
             print(f"note: {note}", file=sys.stderr)
@@ -306,13 +395,14 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "finetune":
         from prunetune.recipes import FinetuneConfig, finetune
 
+        args.task_options = options
         report = finetune(FinetuneConfig.from_args(args))
         print(report["summary"])
         print(_outputs(report))
     elif args.command == "evaluate":
         from prunetune.recipes import evaluate_export
 
-        _print(evaluate_export(args.model, args.task, data=args.data,
+        _print(evaluate_export(args.model, args.task, data=args.data, task_options=options,
                                **_given(args, "max_length", "batch_size", "eval_limit", "seed")))
     elif args.command == "export-onnx":
         from prunetune.onnx_export import export_onnx
@@ -320,6 +410,10 @@ def run(argv: list[str] | None = None) -> int:
         _print(export_onnx(args.model, args.out, **_given(
             args, "opset", "dynamic", "quantize", "verify", "auto_class", "atol", "rtol", "batch_size", "seq_len"),
             overwrite=args.overwrite))
+    elif args.command == "tasks":
+        from prunetune import tasks
+
+        print(json.dumps(tasks.catalogue(), indent=1) if args.json else _tasks_table())
     return 0
 
 

@@ -1,33 +1,44 @@
-"""GLUE metrics computed from model outputs with scikit-learn and scipy."""
+"""Task metrics: classification and regression from model outputs (scikit-learn, scipy), and extractive QA as the
+official SQuAD v2 evaluation script (evaluate-v2.0.py) defines exact match and F1.
+
+Every metric is a fraction in [0, 1] (or a correlation, or an error), like every other prunetune metric: the
+official SQuAD script prints the same exact/F1 values multiplied by 100.
+"""
 
 from __future__ import annotations
 
+import re
+import string
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-from prunetune.data import TaskSpec
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
 
 _Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
-def compute_metrics(task: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Score predictions (logits, class ids or regression scores) with the task's metrics plus "main"."""
+def compute_metrics(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray, *,
+                    regression: bool = False) -> dict[str, float]:
+    """Score predictions (logits, class ids or regression scores) with the named metrics.
+
+    "combined" is the average of the others, GLUE's score for tasks with two metrics (MRPC, QQP, STS-B).
+    """
     labels = np.asarray(labels)
-    outputs = _scores(predictions) if task.is_regression else _class_ids(predictions)
-    labels = labels.reshape(-1).astype(np.float64 if task.is_regression else np.int64)
+    outputs = _scores(predictions) if regression else _class_ids(predictions)
+    labels = labels.reshape(-1).astype(np.float64 if regression else np.int64)
     if len(outputs) != len(labels):
         raise ValueError(f"got {len(outputs)} predictions for {len(labels)} labels")
     if len(labels) == 0:
         raise ValueError("cannot score an empty set of predictions")
-    results = {name: _METRICS[name](outputs, labels) for name in task.metrics if name != "combined"}
-    if "combined" in task.metrics:
-        # GLUE's score for tasks with two metrics (MRPC, QQP, STS-B) is their average.
+    unknown = set(names) - set(METRICS) - {"combined"}
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {', '.join(METRICS)}, combined")
+    results = {name: METRICS[name](outputs, labels) for name in names if name != "combined"}
+    if "combined" in names:
         results["combined"] = float(np.mean(list(results.values())))
-    results["main"] = results[task.main_metric]
     return results
 
 
@@ -61,6 +72,11 @@ def _f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0.0))
 
 
+def _macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean of the per-class F1 over the classes that occur (as labels or predictions)."""
+    return float(f1_score(labels, predictions, average="macro", zero_division=0.0))
+
+
 def _matthews(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Matthews correlation; sklearn already returns 0 when a model predicts a single class."""
     return _finite(matthews_corrcoef(labels, predictions))
@@ -74,6 +90,13 @@ def _pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
 def _spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Spearman rank correlation, 0 when undefined."""
     return _correlation(stats.spearmanr, predictions, labels)
+
+
+def _mse(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Mean squared error (lower is better; NaN outputs give infinity, not a silent 0)."""
+    if not np.all(np.isfinite(predictions)):
+        return float("inf")
+    return float(mean_squared_error(labels, predictions))
 
 
 def _correlation(
@@ -98,10 +121,75 @@ def _finite(value: float) -> float:
     return value if np.isfinite(value) else 0.0
 
 
-_METRICS: dict[str, _Metric] = {
+METRICS: dict[str, _Metric] = {
     "accuracy": _accuracy,
     "f1": _f1,
+    "macro_f1": _macro_f1,
     "matthews_correlation": _matthews,
     "pearson": _pearson,
     "spearmanr": _spearman,
+    "mse": _mse,
 }
+
+
+# ---- extractive question answering: the official SQuAD v2 definitions ------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, remove punctuation, the articles a/an/the and extra whitespace (in the official order)."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def answer_tokens(s: str) -> list[str]:
+    return normalize_answer(s).split() if s else []
+
+
+def exact_match(gold: str, prediction: str) -> int:
+    return int(normalize_answer(gold) == normalize_answer(prediction))
+
+
+def token_f1(gold: str, prediction: str) -> float:
+    """F1 over the normalised tokens; when either side is empty (no answer), 1 if both are, else 0."""
+    gold_tokens, pred_tokens = answer_tokens(gold), answer_tokens(prediction)
+    if not gold_tokens or not pred_tokens:
+        return float(gold_tokens == pred_tokens)
+    same = sum((Counter(gold_tokens) & Counter(pred_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_v2_metrics(predictions: Mapping[str, str], answers: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """exact and f1 overall, over the answerable questions (HasAns_) and the others (NoAns_), with counts.
+
+    As evaluate-v2.0.py: gold answers that normalise to nothing are dropped, a question left without any is
+    scored against [""] (no answer); a question's score is its best over the gold answers; a question is
+    answerable when its answer list is not empty. `answers` maps every question id to its gold texts, and every
+    question needs a prediction ("" = no answer).
+    """
+    missing = [qid for qid in answers if qid not in predictions]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} question(s), e.g. {missing[0]!r}")
+    if not answers:
+        raise ValueError("cannot score an empty set of questions")
+    exact, f1 = {}, {}
+    for qid, texts in answers.items():
+        gold = [t for t in texts if normalize_answer(t)] or [""]
+        exact[qid] = max(exact_match(g, predictions[qid]) for g in gold)
+        f1[qid] = max(token_f1(g, predictions[qid]) for g in gold)
+    out = _averages(exact, f1, list(answers))
+    for prefix, has_answer in (("HasAns", True), ("NoAns", False)):
+        qids = [q for q, texts in answers.items() if bool(texts) == has_answer]
+        if qids:  # the official script leaves a group out when it has no question
+            out.update({f"{prefix}_{k}": v for k, v in _averages(exact, f1, qids).items()})
+    return out
+
+
+def _averages(exact: dict, f1: dict, qids: list[str]) -> dict[str, float]:
+    return {"exact": float(np.mean([exact[q] for q in qids])), "f1": float(np.mean([f1[q] for q in qids])),
+            "total": len(qids)}

@@ -119,38 +119,32 @@ def load_tokenizer(location: str):
     return tok
 
 
-def existing_head_labels(location: str) -> int | None:
-    """The label count of a classification head the checkpoint already has, else None."""
+def head_labels(location: str) -> list[str] | None:
+    """The class names of a sequence-classification head the checkpoint already has (in output order; unnamed
+    classes as transformers names them, LABEL_<i>), else None."""
     cfg_path = Path(location) / "config.json"
     if not cfg_path.exists():
         return None
     cfg = json.loads(cfg_path.read_text())
-    if any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
-        from transformers import PretrainedConfig
+    if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
+        return None
+    id2label = cfg.get("id2label") or {}
+    if id2label:
+        return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    from transformers import PretrainedConfig
 
-        # transformers 5 leaves the default label count (2) out of config.json: without it, a 2-label head
-        # passed for any task and a 3-label task crashed in from_pretrained on the mismatched head
-        return len(cfg.get("id2label") or {}) or cfg.get("num_labels") or PretrainedConfig().num_labels
-    return None
+    # transformers 5 leaves the default label count (2) out of config.json: without it, a 2-label head
+    # passed for any task and a 3-label task crashed in from_pretrained on the mismatched head
+    count = cfg.get("num_labels") or PretrainedConfig().num_labels
+    return [f"LABEL_{i}" for i in range(count)]
 
 
-def load_for_task(location: str, kind: str = "classify", num_labels: int = 2, regression: bool = False) -> nn.Module:
-    """Load a model with the head a task needs ("classify", "causal", "seq2seq" or "base")."""
+def load_with_head(location: str, auto_class: str, **config) -> nn.Module:
+    """Load a checkpoint with the stock Auto class of the head a task needs; `config` overrides config fields
+    (a classifier's num_labels and id2label). A missing head starts from seeded random weights."""
     import transformers
 
-    if kind == "classify":
-        have = existing_head_labels(location)
-        if have is not None and have != num_labels:
-            raise PrunetuneError(f"the model's classification head has {have} labels but the task needs {num_labels}")
-        kw = {"num_labels": num_labels}
-        if regression:
-            kw["problem_type"] = "regression"
-        model = _from_pretrained(transformers.AutoModelForSequenceClassification, location, **kw)
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
-    else:
-        auto = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "base": "AutoModel"}[kind]
-        model = _from_pretrained(getattr(transformers, auto), location)
+    model = _from_pretrained(getattr(transformers, auto_class), location, **config)
     family_of(model)  # a clear error for an unsupported architecture
     return model
 
@@ -185,15 +179,8 @@ def load_native(location: str) -> nn.Module:
     return model
 
 
-def model_kind(location: str) -> str:
-    """Which head to load a checkpoint with when no task says so, from its declared architecture."""
-    cfg = Path(location) / "config.json"
-    archs = json.loads(cfg.read_text()).get("architectures") or [] if cfg.exists() else []
-    for suffix, kind in (
-        ("ForSequenceClassification", "classify"),
-        ("ForCausalLM", "causal"),
-        ("ForConditionalGeneration", "seq2seq"),
-    ):
-        if any(a.endswith(suffix) for a in archs):
-            return kind
-    return "base"
+def family_name(location: str) -> str:
+    """The prunetune family (families.FAMILIES) of the checkpoint at `location`, from its config."""
+    import transformers
+
+    return family_of(_from_pretrained(transformers.AutoConfig, location)).name

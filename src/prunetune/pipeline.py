@@ -19,38 +19,34 @@ from prunetune.surgery import apply_plan
 from prunetune.train import DEFAULT_SEED
 
 
-def load_task_model(model: str | None, task: str | None, *, seed: int = DEFAULT_SEED
-                    ) -> tuple[nn.Module, object, str]:
-    """The model (with the task's head when a task is given), its tokenizer and its location.
+def load_task_model(model: str | None, task: str | None, *, seed: int = DEFAULT_SEED, data: str | None = None,
+                    task_options: dict | None = None) -> tuple[nn.Module, object, str, tasks.Task | None]:
+    """The model (with the task's head when a task is given), its tokenizer, its location and the task.
 
     A new task head starts from random weights and its gradients decide the scores: seeding before the load
     makes importance and pruning reproducible (two runs of `prunetune prune` pruned different heads), and with
     finetune's seed (42 by default), the scores equal those `finetune` computes.
     Without a task the checkpoint keeps its own head, whatever its size (an MNLI classifier's 3 labels, a
     QA or token-classification head), and no tokenizer is needed: the tokenizer returned is then None.
+    A head that depends on the data (a classifier of the user's labels) reads it from `data`'s training split.
     """
     location = models.resolve(model)
     if not task:
         torch.manual_seed(seed)
-        return models.load_native(location).eval(), None, location
+        return models.load_native(location).eval(), None, location, None
+    the_task = tasks.for_model(task, location, task_options)
     tokenizer = models.load_tokenizer(location)
+    the_task.prepare(data, seed=seed)
     torch.manual_seed(seed)
-    net = tasks.for_model(task, location).load_model(location)
+    net = the_task.load_model(location)
     check_tokenizer(tokenizer, net.config)
-    return net.eval(), tokenizer, location
-
-
-def sample_batches(tokenizer, task: str, data: str | None, samples: int, *, location: str, max_length: int = 128,
-                   seed: int = DEFAULT_SEED):
-    """A seeded sample of labelled task batches (the cheap pass the importance scores are computed on)."""
-    return tasks.for_model(task, location).sample_loader(tokenizer, data=data, samples=samples, max_length=max_length,
-                                                         seed=seed)
+    return net.eval(), tokenizer, location, the_task
 
 
 def run_importance(
     model: str | None, tasks: list[str], out: str, *, data: list[str] | None = None, samples: int = 512,
     scorer: str = "head_grad", max_length: int = 128, hidden: bool = False,
-    overwrite: bool = False, seed: int = DEFAULT_SEED,
+    overwrite: bool = False, seed: int = DEFAULT_SEED, task_options: dict | None = None,
 ) -> dict:
     """Score heads/neurons for one or more tasks; write scores JSON, heat map PNG and (two tasks) the correlation."""
     if not tasks:
@@ -61,13 +57,14 @@ def run_importance(
     all_scores: list[Scores] = []
     with atomic_dir(out, overwrite=overwrite, inputs=[models.resolve(model), *data]) as tmp:
         for i, task in enumerate(tasks):
-            net, tok, location = load_task_model(model, task, seed=seed)
+            source = data[i] if data else None
+            net, tok, location, the_task = load_task_model(model, task, seed=seed, data=source,
+                                                           task_options=task_options)
             check_max_length(max_length, net.config)
-            batches = sample_batches(tok, task, data[i] if data else None, samples, location=location,
-                                     max_length=max_length, seed=seed)
+            batches = the_task.sample_loader(tok, data=source, samples=samples, max_length=max_length, seed=seed)
             scores = compute(net, batches, scorer, hidden=hidden)
-            scores.meta.update({"task": task, "samples": samples})
-            scores.save(tmp / f"importance_{task}.json")
+            scores.meta.update({"task": the_task.name, "samples": samples})
+            scores.save(tmp / f"importance_{the_task.name}.json")
             all_scores.append(scores)
         heatmap(all_scores, [f"{t} ({scorer})" for t in tasks], tmp / "heads.png")
         summary = {"tasks": tasks, "scorer": scorer}
@@ -80,7 +77,7 @@ def run_importance(
 def run_prune(
     model: str | None, out: str, *, plan: str | None = None, budget: Budget | None = None,
     task: str | None = None, data: str | None = None, samples: int = 512, scorer: str | None = None,
-    max_length: int = 128, overwrite: bool = False, seed: int = DEFAULT_SEED,
+    max_length: int = 128, overwrite: bool = False, seed: int = DEFAULT_SEED, task_options: dict | None = None,
 ) -> dict:
     """Prune MODEL by a plan file or a budget (scored on task data, or by weight magnitude) and export it."""
     if plan is None and budget is None:
@@ -90,14 +87,14 @@ def run_prune(
     location = models.resolve(model)
     inputs = [location, data, plan]  # --out must not replace any of them
     check_output_dir(out, overwrite=overwrite, inputs=inputs)
-    net, tok, location = load_task_model(location, task, seed=seed)
+    net, tok, location, the_task = load_task_model(location, task, seed=seed, data=data, task_options=task_options)
     if tok is None and not Path(location).is_dir():
         # a hub model has no files to copy: its tokenizer goes with the export when it has one
         with contextlib.suppress(PrunetuneError):
             tok = models.load_tokenizer(location)
     if task:  # the export records the task its (untrained) head was made for: `evaluate` warns about it
         check_max_length(max_length, net.config)
-        tasks.tag_model(net, tasks.for_model(task, location), trained=False)
+        tasks.tag_model(net, the_task, trained=False)
     before = model_info(net)
     notes = []
     if plan is not None:
@@ -106,7 +103,7 @@ def run_prune(
         hidden = budget.hidden_keep is not None and budget.hidden_keep < 1
         if task:
             scorer = scorer or "head_grad"
-            batches = sample_batches(tok, task, data, samples, location=location, max_length=max_length, seed=seed)
+            batches = the_task.sample_loader(tok, data=data, samples=samples, max_length=max_length, seed=seed)
             scores = compute(net, batches, scorer, hidden=hidden)
         else:
             scorer = "magnitude"

@@ -14,6 +14,7 @@ Methods (``--method``):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -58,6 +59,7 @@ COMMON_OPTIONS = frozenset({
     "task", "out", "model", "data", "dev_data", "dev_fraction", "method", "overwrite", "epochs", "lr", "batch_size",
     "grad_accum", "seed", "max_length", "train_limit", "eval_limit", "eval_every", "precision", "progress",
     "seq_len",  # the report states FLOPs at --seq-len for every method
+    "task_options",  # the task's own settings (tasks.options_class), whatever the method
 })
 # The settings each method reads on top of the common ones; any other one given is refused, not ignored.
 METHOD_OPTIONS: dict[str, frozenset[str]] = {
@@ -149,6 +151,7 @@ class FinetuneConfig:
     recovery_epochs: float = 0.25  # lora-prune: LoRA recovery after pruning
     progress: bool = True
     extra: dict = field(default_factory=dict)  # method-specific settings (apt.AptConfig fields)
+    task_options: dict = field(default_factory=dict)  # the task's own options given (tasks.options_class fields)
     # The settings the caller gave (the CLI: flags not left at None); None = those that differ from the defaults.
     given: frozenset[str] | None = None
 
@@ -168,8 +171,8 @@ class FinetuneConfig:
 
     def check(self) -> None:
         if self.task is None:
-            raise PrunetuneError("finetune needs --task (a GLUE task such as sst2, or instruct)")
-        tasks.get(self.task)
+            raise PrunetuneError("finetune needs --task (`prunetune tasks` lists them)")
+        tasks.get(self.task, self.task_options)  # an unknown task or a bad task option is refused here
         if self.method not in METHODS:
             raise PrunetuneError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         if self.scorer is not None:
@@ -339,7 +342,7 @@ def _isolated_inference(task, model_dir: Path, cfg: FinetuneConfig) -> dict:
         "batch_size": 32,
         "seq_len": cfg.max_length,
         "repeats": 3,
-        "auto_class": task.auto_class,
+        "task": task.name,  # the task's model class and example inputs
     }
     res = run_isolated("prunetune.bench:measure_inference", kw, timeout=600)
     return {
@@ -398,7 +401,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     location = resolve(cfg.model)
     inputs = [location, cfg.data, cfg.dev_data]  # --out must not replace them
     out = check_output_dir(cfg.out, overwrite=cfg.overwrite, inputs=inputs)
-    task = tasks.for_model(cfg.task, location)  # GLUE on T5 is text-to-text
+    task = tasks.for_model(cfg.task, location, cfg.task_options)  # GLUE on T5 is text-to-text
     tokenizer = load_tokenizer(location)
     # Everything that can be refused from the config alone is, before data and weights load.
     config = transformers.AutoConfig.from_pretrained(location)
@@ -432,9 +435,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     dense_layer_flops = layer_cost(original, flops_seq)
     del original
     train_loader, dev_loader, sample_loader = loaders.train, loaders.dev, loaders.sample
-
-    def evaluate(m: nn.Module) -> dict:
-        return task.evaluate(m, dev_loader)
+    evaluate = task.evaluation(dev_loader)  # training keeps the best evaluation by the task's main metric
 
     with atomic_dir(out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
         log_path = tmp / "metrics.jsonl"
@@ -461,10 +462,11 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         if "timeline" in result.extra:
             from prunetune.apt import plot_timeline
 
-            plot_timeline(result.extra["timeline"], result.extra.get("eval_history", []), tmp / "timeline.png")
+            plot_timeline(result.extra["timeline"], result.extra.get("eval_history", []), tmp / "timeline.png",
+                          metric=task.main_metric)
         if result.scores is not None:
             result.scores.save(tmp / "importance.json")
-            heatmap([result.scores], [f"{cfg.task} head importance"], tmp / "importance.png")
+            heatmap([result.scores], [f"{task.name} head importance"], tmp / "importance.png")
         (tmp / "data_split.json").write_text(json.dumps(loaders.data, indent=1))
         status("measuring inference in a fresh process (batch 32, sequence length "
                f"{cfg.max_length}, 3 repeats; about 10-30 s)")
@@ -479,7 +481,11 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         }
         report = {
             "method": cfg.method,
-            "task": cfg.task,
+            "task": task.name,
+            "task_kind": task.kind,
+            "task_options": task.record_options(),
+            "main_metric": task.main_metric,
+            "maximize": task.maximize,
             "model": location,
             "config": cfg.effective(),
             "precision": _precision(cfg, result.fit.precision),
@@ -514,11 +520,15 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     return report
 
 
+def _metric_text(name: str, value: float) -> str:
+    return f"{value:,}" if name.endswith("total") or name == "tokens" else f"{value:.4f}"
+
+
 def _summary(r: dict) -> str:
-    m = r["metrics"]
-    others = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "main")
+    m, main = r["metrics"], r["main_metric"]
+    others = ", ".join(f"{k} {_metric_text(k, v)}" for k, v in m.items() if k not in ("main", main))
     return (
-        f"{r['method']} on {r['task']}: {m['main']:.4f} ({others})"
+        f"{r['method']} on {r['task']}: {main} {m['main']:.4f} ({others})"
         f" | params {r['params_total']:,} ({r['layer_params_kept']:.0%} of layer params) | trainable "
         f"{r['trainable_params']:,} | train {r['train_time_s']:.1f}s | peak train mem {r['peak_train_mem_mb']:.0f} MB"
     )
@@ -531,13 +541,16 @@ def _rows_line(d: dict) -> str:
 
 def report_markdown(r: dict) -> str:
     held = r["data"].get("held_out")
+    main = r["main_metric"]
     rows = [
-        ("task metric (main)", f"{r['metrics']['main']:.4f}"),
-        *[(k, f"{v:.4f}") for k, v in r["metrics"].items() if k != "main"],
+        (f"{main} (main metric, {'higher' if r['maximize'] else 'lower'} is better)", f"{r['metrics']['main']:.4f}"),
+        *[(k, _metric_text(k, v)) for k, v in r["metrics"].items() if k not in ("main", main)],
         ("training rows", _rows_line(r["data"]["train"])),
         ("dev rows (scored)", _rows_line(r["data"]["dev"]) + (
-            f", a seeded {held['dev_fraction']:g} of the training file (seed {held['seed']}); row numbers in "
-            "data_split.json" if held else "")),
+            f", a seeded {held['dev_fraction']:g} of the training file's {held.get('by', 'row')}s (seed "
+            f"{held['seed']}; no {held.get('by', 'row')} in both); row numbers in data_split.json" if held else "")),
+        ("task", f"{r['task']} ({r['task_kind']})" + "".join(
+            f", {tasks.flag(k)} {v}" for k, v in r["task_options"].items() if v is not None)),
         ("learning rate", f"{r['config']['lr']:g}"),
         ("precision", f"{r['precision']['used']} on {r['precision']['device']}"
                       + (f" ({r['precision']['requested']} requested: {r['precision']['note']})"
@@ -573,8 +586,8 @@ def _evaluation_source(data: str | None, record: dict | None, seed: int) -> tupl
     # the same path, or the same bytes elsewhere: scoring a copy of the training file whole would score
     # training rows
     if held and (Path(held["file"]).resolve() == Path(data).resolve() or held.get("sha256") == file_digest(data)):
-        status(f"{data} is the file the model trained on: scoring only the rows the run held out of it "
-               f"(--dev-fraction {held['dev_fraction']:g}, --seed {held['seed']})")
+        status(f"{data} is the file the model trained on: scoring only the {held.get('by', 'row')}s the run held "
+               f"out of it (--dev-fraction {held['dev_fraction']:g}, --seed {held['seed']})")
         return DataSource(data, dev_fraction=held["dev_fraction"]), held["seed"]
     return DataSource(None, dev_path=data), seed
 
@@ -606,17 +619,28 @@ def evaluate_export(
     batch_size: int = EVAL_BATCH_SIZE,
     eval_limit: int | None = None,
     seed: int = DEFAULT_SEED,
+    task_options: dict | None = None,
 ) -> dict:
-    """Re-score an exported model on a task's dev set (the same data and metric as the run's report)."""
+    """Re-score an exported model on a task's dev set (the same data and metric as the run's report).
+
+    The task's options default to those the export records for this task (the run's columns, QA windows).
+    """
     import transformers
 
     location = resolve(path)
-    the_task = tasks.for_model(task, location)
+    name = tasks.canonical(task)
     config = transformers.AutoConfig.from_pretrained(location)
+    record = getattr(config, tasks.TASK_ATTR, None)
+    own = record is None or record.get("name") == name  # a record of another task is refused below
+    if task_options is None and record is not None and own:
+        known = {f.name for f in dataclasses.fields(tasks.options_class(name))}
+        task_options = {k: v for k, v in (record.get("options") or {}).items() if k in known}
+    the_task = tasks.for_model(name, location, task_options)
     check_max_length(max_length, config)
     tokenizer = load_tokenizer(location)
     check_tokenizer(tokenizer, config)
-    record = getattr(config, tasks.TASK_ATTR, None)
+    if own:
+        the_task.adopt(record, config)  # a classifier of the user's labels: which output is which label
     caution = check_task_record(record, the_task, path)
     source, seed = _evaluation_source(data, record, seed)
     model = the_task.load_model(location).to(pick_device())  # refuses a head of another width

@@ -162,7 +162,12 @@ def fit(
     device: torch.device | None = None,
     main_metric: str = "main",
 ) -> FitResult:
-    """Train, evaluating every epoch (or `eval_every` steps); the best evaluation's weights are restored."""
+    """Train, evaluating every epoch (or `eval_every` steps); the best evaluation's weights are restored.
+
+    The best evaluation is the one a task's evaluation (tasks.Evaluation) says `improves` on the others, in the
+    direction of its main metric; for a plain function, the highest `main_metric`.
+    """
+    improves = getattr(evaluate, "improves", None)
     seed_everything(cfg.seed)
     device = device or pick_device()
     model.to(device)
@@ -218,7 +223,12 @@ def fit(
                     metrics = evaluate(model)
                     model.train()
                     entry["eval"] = metrics
-                    is_best = result.best is None or metrics[main_metric] >= result.best[main_metric]
+                    if result.best is None:
+                        is_best = True
+                    elif improves is not None:
+                        is_best = improves(metrics, result.best)
+                    else:
+                        is_best = metrics[main_metric] >= result.best[main_metric]
                     if is_best:
                         result.best, result.best_step, best_state = metrics, step, _snapshot(model)
                     for h in hooks:
@@ -242,15 +252,35 @@ def fit(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[dict], device: torch.device | None = None):
-    """Logits and labels over a loader (evaluation mode, no gradients)."""
+def predict(
+    model: nn.Module, loader: Iterable[dict], device: torch.device | None = None, *,
+    outputs: tuple[str, ...] = ("logits",), targets: tuple[str, ...] = ("labels",),
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The named model outputs, and the batches' named targets (kept out of the forward), over a loader.
+
+    Evaluation mode, no gradients. Outputs whose width varies from batch to batch (per-token logits under
+    per-batch padding) are right-padded with -inf, which no argmax picks.
+    """
     device = device or next(model.parameters()).device
     model.eval()
-    preds, labels = [], []
+    got: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
+    kept: dict[str, list[np.ndarray]] = {k: [] for k in targets}
     for batch in progress(loader, desc="evaluate"):
         batch = {k: v.to(device) for k, v in batch.items()}
-        lab = batch.pop("labels")
-        out = model(**batch).logits.float()
-        preds.append(out.cpu().numpy())
-        labels.append(lab.cpu().numpy())
-    return np.concatenate(preds), np.concatenate(labels)
+        for k in targets:
+            kept[k].append(batch.pop(k).cpu().numpy())
+        out = model(**batch)
+        for k in outputs:
+            got[k].append(out[k].float().cpu().numpy())
+    return {k: _concatenate(v) for k, v in got.items()}, {k: _concatenate(v) for k, v in kept.items()}
+
+
+def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
+    if not arrays:
+        raise ValueError("nothing to predict: the loader has no batches")
+    if arrays[0].ndim < 2 or len({a.shape[1:] for a in arrays}) == 1:
+        return np.concatenate(arrays)
+    width = max(a.shape[1] for a in arrays)
+    fill = -np.inf if np.issubdtype(arrays[0].dtype, np.floating) else 0
+    return np.concatenate([np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
+                                  constant_values=fill) for a in arrays])
