@@ -450,7 +450,7 @@ def _task_datasets(task: str | None) -> list[str]:
     """The hub datasets of a known task: the GLUE tasks' (the only ones prunetune can name)."""
     if not task:
         return []
-    from prunetune.data import get_task
+    from prunetune.tasks.glue import get_task
 
     try:
         get_task(task)
