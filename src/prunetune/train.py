@@ -76,6 +76,7 @@ class FitResult:
     train_time_s: float = 0.0
     steps: int = 0
     precision: str = "fp32"  # the autocast dtype the steps actually ran in
+    changes: list[dict] = field(default_factory=list)  # the structure changes applied: {"step", "change"}
 
 
 # the report's names of autocast dtypes (None: no autocast, full precision)
@@ -409,7 +410,7 @@ class _Loop:
             _restore(self.model, self.best_state)
         self.model.eval()
         return FitResult(history=s.history, best=s.best, best_step=s.best_step, train_time_s=elapsed, steps=s.step,
-                         precision=PRECISION_NAMES[self.amp])
+                         precision=PRECISION_NAMES[self.amp], changes=s.changes)
 
 
 def fit(
