@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from ddp_worker import GLOBAL_BATCH, record, run
 from safetensors.torch import load_file
+from test_recipes import common, ws  # noqa: F401 (ws: the fixture)
 
 from prunetune.runtime import Runtime
 
@@ -53,3 +55,31 @@ def test_ranks_agree_and_equal_one_process(two_ranks):
     assert worst <= 1e-5, worst
     assert info["best_step"] == infos[0]["best_step"]
     assert info["best"]["main"] == pytest.approx(infos[0]["best"]["main"], abs=1e-5)
+
+
+def test_finetune_under_torchrun_writes_once_and_resumes_exactly(ws, tmp_path):  # noqa: F811
+    """The CLI under torchrun: only the main rank writes (the result and the checkpoints, which hold every rank's
+    RNG and salience); resumed from its step-2 checkpoint, a run ends with the same model as the whole run."""
+    args = ["finetune", ws / "bert", *common(ws), "--batch-size", "8", "--method", "apt", "--keep-params", "0.5",
+            "--epochs", "2", "--prune-steps", "2", "--eval-every", "2", "--save-every", "2"]
+    whole = torchrun(HERE / "cli_child.py", 0, *args, "--out", tmp_path / "whole", "--retain-checkpoints",
+                     "--keep-checkpoints", "4")
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    assert whole.stdout.count("apt on sst2:") == 1  # one summary: the other rank prints nothing
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["processes"] == 2 and report["train_steps"] == 8 and report["layer_params_kept"] <= 0.5
+    assert [r["step"] for r in report["timeline"]] == [0, 2, 5]
+    kept = tmp_path / "whole.checkpoints"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole", "whole.checkpoints"]
+    state = json.loads((kept / "step-00000008" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    shutil.copytree(kept, tmp_path / "partial")
+    for name in ("step-00000004", "step-00000006", "step-00000008"):
+        shutil.rmtree(tmp_path / "partial" / name, ignore_errors=True)
+    resumed = torchrun(HERE / "cli_child.py", 0, *args, "--out", tmp_path / "resumed", "--resume",
+                       tmp_path / "partial")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = json.loads((tmp_path / "resumed" / "report.json").read_text())
+    assert again["metrics"] == report["metrics"] and again["timeline"] == report["timeline"]

@@ -60,7 +60,7 @@ def test_a_killed_run_resumes_to_the_same_model(ws, tmp_path, monkeypatch):  # n
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     procs = {
-        name: subprocess.Popen([sys.executable, str(HERE / "killed_run.py"), str(step),
+        name: subprocess.Popen([sys.executable, str(HERE / "cli_child.py"), str(step),
                                 *map(str, args), "--out", str(tmp_path / name / "out"), "--save-every", "2"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, step in KILLS.items()

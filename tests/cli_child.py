@@ -1,6 +1,7 @@
-"""A test helper, run as a script: `prunetune finetune ...`, SIGKILLed while it writes the checkpoint of a step.
+"""A test helper, run as a script (or by torchrun): `prunetune ...` without the fresh-process latency measurement,
+optionally SIGKILLed while it writes the checkpoint of a step.
 
-    python tests/killed_run.py STEP finetune ARGS...
+    python tests/cli_child.py STEP finetune ARGS...     (STEP 0: never killed)
 
 At STEP the process leaves half a checkpoint on disk (a temporary folder with a truncated state) and kills itself
 with SIGKILL: nothing of Python's shutdown runs, as when a job is killed or a machine goes down.
@@ -24,7 +25,7 @@ _save = checkpoint.CheckpointStore.save
 
 
 def _save_then_die(self, state, config):
-    if state.step == KILL_AT:
+    if KILL_AT and state.step == KILL_AT:
         tmp = self.directory / f".{checkpoint.PREFIX}{state.step:08d}.tmp"
         tmp.mkdir()
         (tmp / checkpoint.STATE).write_text('{"format": 1, "step": ')
