@@ -231,6 +231,9 @@ class AptHook(TrainHook):
         if is_best and self.distiller is not None:
             self.distiller.snapshot(model)
 
+    def gradient_scale(self, scale: float) -> None:
+        self.stats.unscale_step(scale)
+
     def after_step(self, step: int, model: nn.Module) -> Change | None:
         self.stats.step()
         if step not in self.schedule:

@@ -91,6 +91,10 @@ class TrainHook:
         """Called once before the first step (and before a resumed run replays its changes): the run's step count
         and its ranks."""
 
+    def gradient_scale(self, scale: float) -> None:
+        """Before an optimizer step under fp16: its gradients are of the loss times `scale` (the gradient scaler's),
+        and are not finite when the step overflowed (the scaler then skips it)."""
+
     def after_step(self, step: int, model: nn.Module) -> Change | None:
         """After each optimizer step: a structure change to apply now, or None. Under data parallelism every rank
         must return a Change at the same steps; the main rank's is applied everywhere."""
@@ -326,6 +330,8 @@ class _Loop:
     def _optimizer_step(self) -> None:
         optimizer, scaler = self.optimizer, self.scaler
         if scaler:
+            for h in self.hooks:  # gradients read off the backward pass (APT's salience) are scaled too
+                h.gradient_scale(float(scaler.get_scale()))
             scaler.unscale_(optimizer)
         if self.cfg.max_grad_norm:
             params = [p for g in optimizer.param_groups for p in g["params"]]
