@@ -168,7 +168,7 @@ class AptOptions(_Part):
     distill: bool = _opt(False, "self-distillation from the best evaluation so far (needs --eval-every)",
                          methods=_APT, negatable=True)
     prune_before_training: bool = _opt(False, "prune once on a calibration sample, then tune", methods=_APT)
-    scorer: str | None = _opt(None, "--prune-before-training: importance scorer (default salience_kurtosis)",
+    scorer: str | None = _opt(None, "the importance scorer of --prune-before-training (default salience_kurtosis)",
                               methods=_APT)
     prune_steps: int = _opt(10, "pruning steps, spread over the early part of training", methods=_APT)
     # Salience needs some tuning to mean anything: pruning from 5% to 50% of a one-epoch SST-2 run gave 79.9,
@@ -463,13 +463,15 @@ def _argument_type(part_cls, f) -> type:
     return args[0] if args else hint
 
 
-def _help(f, methods_note: bool = True) -> str:
+def _help(f) -> str:
     text = f.metadata["help"]
-    methods = f.metadata["methods"]
-    if methods_note and methods and set(methods) != set(METHODS):
+    methods, not_for = f.metadata["methods"], f.metadata["not_for"]
+    if methods and set(methods) != set(METHODS):
         text = f"{', '.join(methods)}: {text}"
+    if not_for:
+        text += f"; not with {', '.join(not_for)}"
     default = _default(f)
-    if default not in (None, False, "") and not isinstance(default, dict):
+    if not (default is None or default is False or default == "" or isinstance(default, dict)):
         text += f" (default {default:g})" if isinstance(default, float) else f" (default {default})"
     return text
 
