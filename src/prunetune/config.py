@@ -249,7 +249,7 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, part(**value))
-        self._check()
+        self.check()
 
     # -- building --------------------------------------------------------------------------------------
 
@@ -329,7 +329,9 @@ class RunConfig:
 
     # -- validation ------------------------------------------------------------------------------------
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Refuse what the run cannot do, in one line: an unknown task, method, scorer or choice; a setting the method
+        does not read; one that needs another; numbers out of range; options the task does not take."""
         from prunetune import tasks
 
         if self.task is None:

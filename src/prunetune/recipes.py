@@ -207,6 +207,7 @@ def finetune(cfg: RunConfig) -> dict | None:
 
     Returns the report; under torchrun, on the main rank only (the other ranks train and return None).
     """
+    cfg.check()  # again: the parts may have been changed since they were made
     shown = progress_enabled()
     runtime = Runtime.from_env()
     set_progress(shown and cfg.runtime.progress and runtime.is_main)
@@ -227,6 +228,9 @@ def _checkpoints(cfg: RunConfig, out: Path, runtime: Runtime) -> tuple[Checkpoin
         if mismatch:
             raise PrunetuneError(mismatch)
         state = store.load(path)
+        if state.world_size != runtime.world_size:
+            raise PrunetuneError(f"--resume: the checkpoint was written by {state.world_size} process(es), this run "
+                                 f"has {runtime.world_size}; the data order and batches depend on it")
         status(f"resuming from {path} (step {state.step} of {state.total_steps})")
         return store, state
     if not rt.save_every:

@@ -8,7 +8,7 @@ parts (RNG states, the hooks' running statistics, which differ between ranks) ar
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -53,9 +53,6 @@ class RunState:
         if meta.get("format") != FORMAT:
             raise PrunetuneError(f"checkpoint state format {meta.get('format')} is not {FORMAT} (another prunetune?)")
         return cls(**{f.name: decode(meta[f.name], tensors) for f in fields(cls)})
-
-    def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k in ("step", "epoch", "batch", "total_steps")}
 
 
 # ---------------------------------------------------------------------------------------------------------
