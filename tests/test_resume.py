@@ -123,3 +123,23 @@ def test_checkpoint_flags_are_refused_in_one_line(ws, tmp_path, flags, message):
     lines = error_lines(err)
     assert rc == 2 and len(lines) == 1 and message in lines[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method,extra", [("prune-lora", ["--heads-keep", "0.5", "--samples", "16"]), ("full", [])])
+def test_methods_pruned_before_training_resume_exactly(ws, tmp_path, monkeypatch, method, extra):  # noqa: F811
+    """prune-lora prunes before the loop (and full trains every weight): a resumed run rebuilds that model and ends
+    where the whole run did."""
+    from safetensors.torch import load_file as load
+
+    no_bench(monkeypatch)
+    args = ["finetune", ws / "bert", *common(ws), "--method", method, "--epochs", "2", *extra]
+    rc, _, err = run_cli([*args, "--out", tmp_path / "whole", "--save-every", "2", "--keep-checkpoints", "4",
+                          "--retain-checkpoints"])
+    assert rc == 0, err
+    rc, _, err = run_cli([*args, "--out", tmp_path / "resumed", "--resume",
+                          tmp_path / "whole.checkpoints" / "step-00000004"])
+    assert rc == 0, err
+    a, b = (load(str(tmp_path / n / "model" / "model.safetensors")) for n in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("whole", "resumed")]
+    assert reports[0]["metrics"] == reports[1]["metrics"] and reports[1]["train_steps"] == 8
