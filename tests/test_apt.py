@@ -11,10 +11,14 @@ from conftest import logits, tiny_config, tiny_inputs
 from engine_helpers import masks_for, max_diff, tiny
 
 from prunetune import adapters
-from prunetune.apt import AptConfig, AptHook, cubic_schedule
+from prunetune import train as train_module
+from prunetune.apt import AptHook, cubic_schedule
+from prunetune.config import AptOptions
 from prunetune.families import hidden_size, layer_sites
 from prunetune.masks import attach
-from prunetune.plan import layer_cost, layer_param_count, select
+from prunetune.plan import Budget, layer_cost, layer_param_count, select
+from prunetune.runtime import Runtime
+from prunetune.structure import step_changes
 from prunetune.train import TrainConfig, fit
 
 # ---------------------------------------------------------------------------------------------------------
@@ -25,8 +29,8 @@ from prunetune.train import TrainConfig, fit
 @pytest.mark.parametrize("total,steps,keep", [(1000, 10, 0.4), (200, 5, 0.3), (12, 4, 0.5), (7, 10, 0.6), (1, 3, 0.4),
                                               (50, 1, 0.25)])
 def test_cubic_schedule_ends_exactly_at_the_target_and_decreases(total, steps, keep):
-    cfg = AptConfig(keep_params=keep, prune_steps=steps, prune_start=0.05, prune_end=0.5)
-    schedule = cubic_schedule(cfg, total)
+    cfg = AptOptions(prune_steps=steps, prune_start=0.05, prune_end=0.5)
+    schedule = cubic_schedule(cfg, keep, total)
     order = sorted(schedule)
     values = [schedule[s] for s in order]
     assert values[-1] == keep  # exactly, not approximately
@@ -80,21 +84,36 @@ def probe_eval(batch: dict):
 class CheckingHook(AptHook):
     """AptHook that, after every pruning step, checks what the rest of training relies on."""
 
-    def __init__(self, *args, probe: dict, **kwargs):
+    def __init__(self, *args, probe: dict, optimizers: list, **kwargs):
         super().__init__(*args, **kwargs)
         self.probe = probe
+        self.optimizers = optimizers  # the loop's optimizer, as make_optimizer built it
         self.after_pruning: list[tuple[int, float, int]] = []
 
-    def after_step(self, step, total, model, optimizer) -> bool:
-        changed = super().after_step(step, total, model, optimizer)
-        if changed:
-            self.after_pruning.append((step, self.schedule[step], layer_cost(model, self.cfg.flops_seq)))
-            check_consistent(model, optimizer)
+    def after_change(self, step, change, model, log, before):
+        follow = super().after_change(step, change, model, log, before)
+        if change.plan is not None:  # the loop applied the plan and re-pointed the optimizer
+            self.after_pruning.append((step, self.schedule[step], layer_cost(model, flops_seq(self.target))))
+            check_consistent(model, self.optimizers[-1])
             model.eval()
             out = logits(model, self.probe)
             model.train()
             assert torch.isfinite(out).all() and out.shape == (self.probe["input_ids"].shape[0], 2)
-        return changed
+        return follow
+
+
+def flops_seq(target: Budget):
+    return target.seq_len if target.keep_flops is not None else None
+
+
+def apt_options(**kw) -> tuple[AptOptions, Budget]:
+    """AptOptions and the target Budget from the settings the tests give (keep, keep_flops, seq_len, ...)."""
+    keep = kw.pop("keep", 0.5)
+    keep_flops, seq_len = kw.pop("keep_flops", None), kw.pop("seq_len", 128)
+    options = AptOptions(**kw)
+    if keep_flops is not None:
+        return options, Budget(keep_flops=keep_flops, seq_len=seq_len, prune_hidden=options.prune_hidden)
+    return options, Budget(keep_params=keep, prune_hidden=options.prune_hidden)
 
 
 def check_consistent(model, optimizer=None) -> None:
@@ -125,16 +144,26 @@ def check_consistent(model, optimizer=None) -> None:
 
 def run_apt_fit(family: str, *, keep: float = 0.5, distill: bool = True, seed: int = 0, steps: int = 12, **cfg):
     model = classifier(family)
-    apt_cfg = AptConfig(keep_params=keep, prune_steps=4, prune_start=0.1, prune_end=0.6, distill=distill, **cfg)
-    dense = layer_cost(model, apt_cfg.flops_seq)  # parameters, or FLOPs per token under keep_flops
+    options, target = apt_options(keep=keep, prune_steps=4, prune_start=0.1, prune_end=0.6, distill=distill, **cfg)
+    dense = layer_cost(model, flops_seq(target))  # parameters, or FLOPs per token under keep_flops
     peft_model = adapters.apply_lora(model, rank=2, targets="all")  # apt's adapters: attention and FFN
     batches = batches_for(family)
-    hook = CheckingHook(peft_model, apt_cfg, steps, dense, probe=batches[0])
-    train_cfg = TrainConfig(epochs=steps / len(batches), lr=2e-3, eval_every=2, seed=seed, progress=False)
-    try:
-        result = fit(peft_model, batches, probe_eval(batches[0]), train_cfg, hooks=[hook])
-    finally:
-        hook.close()
+    optimizers = []
+    real = train_module.make_optimizer
+
+    def recording(*args, **kwargs):
+        optimizer, scheduler = real(*args, **kwargs)
+        optimizers.append(optimizer)
+        return optimizer, scheduler
+
+    hook = CheckingHook(peft_model, options, target, dense, probe=batches[0], optimizers=optimizers)
+    train_cfg = TrainConfig(epochs=steps / len(batches), lr=2e-3, eval_every=2, seed=seed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "make_optimizer", recording)
+        try:
+            result = fit(peft_model, batches, probe_eval(batches[0]), train_cfg, hooks=[hook])
+        finally:
+            hook.close()
     return peft_model, hook, result, dense
 
 
@@ -164,7 +193,7 @@ def test_apt_prunes_to_the_target_inside_fit(family):
 def test_apt_prunes_to_a_flops_target(family):
     """--keep-flops: every step meets its share of the dense FLOPs per token at the stated sequence length."""
     model, hook, result, dense_flops = run_apt_fit(family, keep_flops=0.5, seq_len=64)
-    assert hook.cfg.keep == 0.5 and min(hook.schedule.values()) == 0.5
+    assert hook.keep == 0.5 and min(hook.schedule.values()) == 0.5
     for step, target, flops in hook.after_pruning:
         assert flops <= target * dense_flops * (1 + 1e-9), step
     assert 0.4 * dense_flops <= layer_cost(model, 64) <= 0.5 * dense_flops
@@ -187,13 +216,13 @@ def test_gqa_groups_stay_valid_on_llama():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hidden dims (AptConfig.hidden): ranked with heads and neurons by salience per parameter
+# Hidden dims (AptOptions.prune_hidden): ranked with heads and neurons by salience per parameter
 # ---------------------------------------------------------------------------------------------------------
 
 
 def test_apt_prunes_hidden_dims_inside_fit():
     """hidden=True collected hidden-dim salience, but the budget had no hidden target: no dim was ever removed."""
-    model, hook, _, dense = run_apt_fit("bert", keep=0.3, hidden=True, distill=False)
+    model, hook, _, dense = run_apt_fit("bert", keep=0.3, prune_hidden=True, distill=False)
     widths = [r["hidden"] for r in hook.timeline.rows]
     assert widths[-1] < widths[0] == 32 and widths == sorted(widths, reverse=True)
     assert hidden_size(model) == widths[-1] == len(hook.stats.salience["hidden"])  # the salience followed
@@ -213,7 +242,8 @@ def test_apt_hidden_step_equals_its_masks(family):
     with torch.no_grad():  # non-zero adapters, so their slicing matters
         for layer in adapters.lora_layers(peft_model).values():
             layer.lora_B[adapters.ADAPTER].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    hook = AptHook(peft_model, AptConfig(keep_params=0.5, prune_steps=1, hidden=True, distill=False), 10, dense)
+    hook = AptHook(peft_model, *apt_options(keep=0.5, prune_steps=1, prune_hidden=True, distill=False), dense)
+    hook.start(10, Runtime.single())
     step = next(iter(hook.schedule))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
     peft_model.train()
@@ -222,14 +252,14 @@ def test_apt_hidden_step_equals_its_masks(family):
     optimizer.zero_grad()
     hook.stats.step()
     hook.stats.salience["hidden"] *= 0.01  # hidden dims the least salient per parameter: some must go
-    plan = select(peft_model, hook.stats.to_scores(), hook.cfg.budget(hook.schedule[step], dense))
+    plan = select(peft_model, hook.stats.to_scores(), hook.budget(hook.schedule[step]))
     width = hidden_size(peft_model)
     assert plan.hidden is not None and len(plan.hidden) < width
     peft_model.eval()
     with attach(peft_model, masks_for(peft_model, plan)):
         masked = logits(peft_model, batch)
 
-    assert hook.after_step(step, 10, peft_model, optimizer)
+    assert step_changes(step, peft_model, [hook], seed=0, optimizer=optimizer, runtime=Runtime.single(), record=[])
     assert hidden_size(peft_model) == len(plan.hidden)
     assert layer_param_count(peft_model) <= hook.schedule[step] * dense
     peft_model.eval()
@@ -249,10 +279,9 @@ def test_distillation_can_be_switched_off():
     dense = layer_param_count(start)
     plain = adapters.apply_lora(start, rank=2)
     with_hook = copy.deepcopy(plain)  # the same random lora_A
-    hook = AptHook(with_hook, AptConfig(distill=False), 8, dense)
-    hook.schedule = {}  # no pruning: only the loss path differs
+    hook = AptHook(with_hook, *apt_options(distill=False, prune_steps=0), dense)  # no pruning: only the loss path
     assert hook.distiller is None
-    train_cfg = TrainConfig(epochs=2, lr=2e-3, eval_every=1, seed=1, progress=False)
+    train_cfg = TrainConfig(epochs=2, lr=2e-3, eval_every=1, seed=1)
     ref = fit(plain, batches, probe_eval(batches[0]), train_cfg)
     got = fit(with_hook, batches, probe_eval(batches[0]), train_cfg, hooks=[hook])
     hook.close()
@@ -266,7 +295,7 @@ def test_distillation_loss_with_a_teacher(family):
     batch = batches_for(family)[0]
     model = classifier(family)
     peft_model = adapters.apply_lora(model, rank=2)
-    hook = AptHook(peft_model, AptConfig(distill=True, distill_weight=0.5), 10, layer_param_count(model))
+    hook = AptHook(peft_model, *apt_options(distill=True, distill_weight=0.5), layer_param_count(model))
     assert hook.forward_kwargs() == {} and hook.loss(peft_model, batch, None) is None  # no teacher yet
     peft_model.eval()  # no dropout: teacher and student see the same function
     hook.after_eval(1, {"main": 0.0}, peft_model, True)
@@ -287,7 +316,8 @@ def test_teacher_follows_surgery_and_growth():
     model = classifier("bert")
     dense = layer_param_count(model)
     peft_model = adapters.apply_lora(model, rank=2)
-    hook = AptHook(peft_model, AptConfig(keep_params=0.5, prune_steps=1, distill=True), 10, dense)
+    hook = AptHook(peft_model, *apt_options(keep=0.5, prune_steps=1, distill=True), dense)
+    hook.start(10, Runtime.single())
     step = next(iter(hook.schedule))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
     peft_model.train()
@@ -298,7 +328,7 @@ def test_teacher_follows_surgery_and_growth():
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     memory = hook.distiller.memory_bytes()
 
-    assert hook.after_step(step, 10, peft_model, optimizer)
+    assert step_changes(step, peft_model, [hook], seed=0, optimizer=optimizer, runtime=Runtime.single(), record=[])
     assert layer_param_count(peft_model) <= 0.5 * dense
     row = hook.timeline.rows[-1]
     assert row["grown_adapters"] > 0 and row["lora_rank_total"] > hook.timeline.rows[0]["lora_rank_total"]

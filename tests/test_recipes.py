@@ -15,7 +15,7 @@ import transformers
 from conftest import tiny_config
 from engine_helpers import max_diff, word_tokenizer
 
-from prunetune import adapters, recipes, train
+from prunetune import adapters, config, recipes, train
 from prunetune.cli import main
 from prunetune.errors import PrunetuneError
 from prunetune.export import MARKER
@@ -130,7 +130,7 @@ def test_method_writes_a_complete_run(runs, method):
     assert report["config"]["lr"] == float(dict(zip(METHOD_ARGS[method], METHOD_ARGS[method][1:], strict=False)).get(
         "--lr", recipes.DEFAULT_LR[method]))
     assert report["precision"] == {"requested": "auto", "used": "fp32", "device": "cpu"}
-    assert set(report["config"]) == recipes.COMMON_OPTIONS | recipes.METHOD_OPTIONS[method] - {"extra"}
+    assert set(report["config"]) == config.options_for(method)
     record = json.loads((out / "model" / "config.json").read_text())["prunetune_task"]
     assert record == {"name": "sst2", "labels": ["0", "1"], "trained": True,
                       "options": {"text_columns": None, "label_column": None}}
@@ -419,10 +419,10 @@ class _Stop(TrainHook):
     def __init__(self, exc: BaseException):
         self.exc = exc
 
-    def after_step(self, step, total, model, optimizer):
+    def after_step(self, step, model):
         if step == 2:  # mid-run: a step was taken and metrics.jsonl was written to
             raise self.exc
-        return False
+        return None
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("boom")])
@@ -467,7 +467,7 @@ def test_lora_on_the_embedded_model_learns_real_sst2_rows():
     rows = task.read("train", None, limit=64, seed=0).dataset  # the bundled sample
     loader = task.train_batches(rows, tokenizer, max_length=64, batch_size=16, seed=0)
     peft_model = adapters.apply_lora(model, rank=8)
-    cfg = TrainConfig(epochs=5, lr=2e-3, warmup_ratio=0.1, seed=0, progress=False)
+    cfg = TrainConfig(epochs=5, lr=2e-3, warmup_ratio=0.1, seed=0)
     result = fit(peft_model, loader, lambda m: {"main": 0.0}, cfg, device=torch.device("cpu"))
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 20  # 4 batches of 16, 5 passes

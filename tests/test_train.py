@@ -15,8 +15,10 @@ from prunetune import adapters
 from prunetune import train as train_module
 from prunetune.families import layer_sites
 from prunetune.optim import remap_optimizer
+from prunetune.plan import PruningPlan
+from prunetune.structure import Change
 from prunetune.surgery import SliceLog, apply_plan
-from prunetune.train import TrainConfig, TrainHook, fit
+from prunetune.train import RunContext, TrainConfig, TrainHook, fit
 
 # ---------------------------------------------------------------------------------------------------------
 # A tiny learnable task: label = whether token 5 occurs in the sequence
@@ -61,7 +63,7 @@ def accuracy(loader):
 
 
 def cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"progress": False, **kw})
+    return TrainConfig(**{"lr": 5e-4, **kw})
 
 
 def losses(result) -> list[float]:
@@ -147,7 +149,8 @@ def test_best_evaluation_state_is_restored(tmp_path):
         return {"main": next(scripted), "fingerprint": out.sum().item(), "logits": out.tolist()}
 
     model = tiny_bert()
-    result = fit(model, train, evaluate, cfg(epochs=1, lr=5e-3, eval_every=2, log_path=tmp_path / "log.jsonl"))
+    result = fit(model, train, evaluate, cfg(epochs=1, lr=5e-3, eval_every=2),
+                 context=RunContext(log_path=tmp_path / "log.jsonl"))
     assert result.best_step == 4 and result.best["main"] == 0.9
     evals = [h["eval"] for h in result.history if "eval" in h]
     assert len(evals) == 4 and evals[1] == result.best
@@ -160,7 +163,7 @@ def test_best_evaluation_state_is_restored(tmp_path):
 def test_log_has_one_line_per_step(tmp_path):
     log = tmp_path / "metrics.jsonl"
     result = fit(tiny_bert(), token5_batches(96, 0), accuracy(token5_batches(16, 1)),
-                 cfg(epochs=2, eval_every=4, warmup_ratio=0.25, log_path=log))
+                 cfg(epochs=2, eval_every=4, warmup_ratio=0.25), context=RunContext(log_path=log))
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(lines) == result.steps == 12
     assert [e["step"] for e in lines] == list(range(1, 13))
@@ -175,11 +178,19 @@ def test_every_hook_sees_every_step_and_a_structural_change_resets_the_best():
     class Recorder(TrainHook):
         def __init__(self, changes_at: int | None = None):
             self.changes_at = changes_at
-            self.steps, self.evals = [], []
+            self.steps, self.evals, self.changes = [], [], []
 
-        def after_step(self, step, total, model, optimizer):
-            self.steps.append((step, total))
-            return step == self.changes_at  # pretend the model changed shape
+        def start(self, total, runtime):
+            self.total = total
+
+        def after_step(self, step, model):
+            self.steps.append((step, self.total))
+            if step == self.changes_at:  # a change that keeps everything: the structure is rebuilt all the same
+                return Change(plan=PruningPlan.identity(model))
+            return None
+
+        def after_change(self, step, change, model, log, before):
+            self.changes.append(step)
 
         def after_eval(self, step, metrics, model, is_best):
             self.evals.append((step, is_best))
@@ -188,8 +199,9 @@ def test_every_hook_sees_every_step_and_a_structural_change_resets_the_best():
     scripted = iter([0.9, 0.1, 0.2])
     result = fit(tiny_bert(), token5_batches(96, 0), lambda m: {"main": next(scripted)},
                  cfg(epochs=1, eval_every=2), hooks=[changer, watcher])
-    # the second hook sees step 3 too, although the first one reported a change there
+    # the second hook sees step 3 too, although the first one asked for a change there; both followed it
     assert changer.steps == watcher.steps == [(s, 6) for s in range(1, 7)]
+    assert changer.changes == watcher.changes == [3]
     # step 2's 0.9 was dropped with the old structure: step 4's 0.1 is then the best so far
     assert changer.evals == watcher.evals == [(2, True), (4, True), (6, True)]
     assert result.best_step == 6 and result.best["main"] == 0.2

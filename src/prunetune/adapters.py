@@ -180,20 +180,23 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def grow_rank(layer: nn.Module, new_rank: int, log=None) -> bool:
+def grow_rank(layer: nn.Module, new_rank: int, log=None, generator: torch.Generator | None = None) -> bool:
     """Give a LoRA layer more rank without changing its function (APT's adaptive tuning).
 
     New rows of A are initialised like PEFT's (Kaiming), new columns of B are zero, so B @ A is unchanged;
     the scaling is kept as it was (alpha / r would shrink the existing directions). `log`, a SliceLog,
-    records the growth so the optimizer's state can be extended with zeros.
+    records the growth so the optimizer's state can be extended with zeros. `generator` (a CPU one) draws the
+    new rows; without it, torch's global generator does.
     """
     a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
     r = a.weight.shape[0]
     if new_rank <= r:
         return False
     extra = new_rank - r
-    new_a = torch.empty(extra, a.weight.shape[1], dtype=a.weight.dtype, device=a.weight.device)
-    nn.init.kaiming_uniform_(new_a, a=math.sqrt(5))
+    # drawn on the CPU, in float32, whatever the device: the same rows on every device and rank
+    new_a = torch.empty(extra, a.weight.shape[1])
+    nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=generator)
+    new_a = new_a.to(a.weight.device, a.weight.dtype)
     grown_a = nn.Parameter(torch.cat([a.weight.detach(), new_a], 0), requires_grad=a.weight.requires_grad)
     zeros_b = torch.zeros(b.weight.shape[0], extra, dtype=b.weight.dtype, device=b.weight.device)
     grown_b = nn.Parameter(torch.cat([b.weight.detach(), zeros_b], 1), requires_grad=b.weight.requires_grad)

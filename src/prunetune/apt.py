@@ -11,80 +11,48 @@ frozen weights with the student and keeps only its own copy of the adapters, nor
 
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prunetune import adapters
+from prunetune.config import AptOptions, RunConfig, target_budget, targets_for
 from prunetune.families import layer_sites, unwrap
 from prunetune.importance import ActivationStats, compute
-from prunetune.optim import _transform, remap_optimizer
-from prunetune.plan import Budget, PruningPlan, layer_cost, model_info, select
+from prunetune.optim import _transform
+from prunetune.plan import Budget, layer_cost, model_info, select
+from prunetune.runtime import Runtime
+from prunetune.structure import Change
 from prunetune.surgery import SliceLog, apply_plan, own_storage
-from prunetune.train import TrainConfig, TrainHook, fit
+from prunetune.train import RunContext, TrainHook, fit
 
 
-@dataclass
-class AptConfig:
-    """APT's knobs; defaults follow the paper where it states them."""
-
-    keep_params: float = 0.4  # target fraction of the prunable layer parameters
-    keep_flops: float | None = None  # or: target fraction of the layers' FLOPs per token at `seq_len`
-    seq_len: int = 128  # the sequence length a FLOPs target is stated at
-    prune_steps: int = 10  # pruning steps, spread over the early part of training
-    # Salience needs some tuning to mean anything: pruning from 5% to 50% of a one-epoch SST-2 run gave 79.9,
-    # from 20% to 60% 80.6 (benchmarks/README.md); the memory peak is the first steps' either way.
-    prune_start: float = 0.2  # fraction of training before the first pruning step
-    prune_end: float = 0.6  # fraction of training by which the target is reached
-    ema: float = 0.85  # smoothing of the salience across steps
-    signal: str = "salience"  # salience (APT: |a x g|) or fisher (squared per-example mask gradient, Kwon et al.)
-    grow_fraction: float = 0.5  # the most salient half of the adapters grow at each step
-    tuning_budget: float = 4.0  # LoRA parameters may grow to this multiple of the start
-    max_rank_mult: int = 8  # an adapter's rank is capped at this multiple of its start
-    hidden: bool = False  # also prune hidden dims
-    distill: bool = False  # off by default: no accuracy gain in one-epoch runs, and ~1.5x the time
-    distill_weight: float = 0.5  # loss = (1 - w) task + w (prediction + layer) distillation
-    distill_layers: int = 4  # layer pairs sampled per step for the layer-mapping loss
-    temperature: float = 2.0
-
-    @property
-    def keep(self) -> float:
-        """The target fraction, of parameters or (given keep_flops) of FLOPs."""
-        return self.keep_flops if self.keep_flops is not None else self.keep_params
-
-    @property
-    def flops_seq(self) -> int | None:
-        """The sequence length costs are FLOPs at, or None when the budget is in parameters."""
-        return self.seq_len if self.keep_flops is not None else None
-
-    def budget(self, keep: float, reference: float | None = None) -> Budget:
-        """The engine's budget for keeping `keep` of the dense cost, in this config's unit.
-
-        With `hidden`, hidden dims are ranked with heads and neurons by salience per parameter (APT); without
-        prune_hidden the budget had no hidden target, so the salience collected for them removed nothing.
-        """
-        if self.keep_flops is not None:
-            return Budget(keep_flops=keep, seq_len=self.seq_len, reference=reference, prune_hidden=self.hidden)
-        return Budget(keep_params=keep, reference=reference, prune_hidden=self.hidden)
+def target_keep(target: Budget) -> float:
+    """The fraction a budget keeps, of parameters or (given keep_flops) of FLOPs."""
+    return target.keep_flops if target.keep_flops is not None else target.keep_params
 
 
-def cubic_schedule(cfg: AptConfig, total_steps: int) -> dict[int, float]:
+def flops_seq(target: Budget) -> int | None:
+    """The sequence length costs are FLOPs at, or None when the budget is in parameters."""
+    return target.seq_len if target.keep_flops is not None else None
+
+
+def cubic_schedule(options: AptOptions, keep: float, total_steps: int) -> dict[int, float]:
     """Optimizer step -> fraction of the dense layer cost (parameters or FLOPs) to keep after that step."""
-    if cfg.prune_steps <= 0:
+    if options.prune_steps <= 0:
         return {}
-    start = max(1, round(cfg.prune_start * total_steps))
-    end = max(start, round(cfg.prune_end * total_steps))
-    n = max(1, cfg.prune_steps)
+    start = max(1, round(options.prune_start * total_steps))
+    end = max(start, round(options.prune_end * total_steps))
+    n = max(1, options.prune_steps)
     out: dict[int, float] = {}
     for i in range(1, n + 1):
         t = i / n
         step = start + round((end - start) * (i - 1) / max(1, n - 1)) if n > 1 else start
-        out[step] = cfg.keep + (1 - cfg.keep) * (1 - t) ** 3
-    out[max(out)] = cfg.keep  # the last step reaches the target exactly
+        out[step] = keep + (1 - keep) * (1 - t) ** 3
+    out[max(out)] = keep  # the last step reaches the target exactly
     return out
 
 
@@ -95,6 +63,9 @@ class Timeline:
     rows: list[dict] = field(default_factory=list)
 
     def add(self, step: int, model: nn.Module, **extra) -> None:
+        """A row for the model as it is now (replacing the last row when it is of the same step: after growth)."""
+        if self.rows and self.rows[-1]["step"] == step and step > 0:
+            self.rows.pop()
         info = model_info(model)
         ranks = [adapters.lora_rank(m) for m in adapters.lora_layers(model).values()]
         self.rows.append({
@@ -151,7 +122,7 @@ class SelfDistiller:
     mapping is the identity; APT needs a learned mapping only because its teacher keeps the dense width.
     """
 
-    def __init__(self, cfg: AptConfig):
+    def __init__(self, cfg: AptOptions):
         self.cfg = cfg
         self.teacher: dict[str, torch.Tensor] | None = None
 
@@ -210,26 +181,44 @@ class SelfDistiller:
 
 
 class AptHook(TrainHook):
-    """Salience collection, scheduled pruning, rank growth and self-distillation inside `fit`."""
+    """Salience collection, scheduled pruning, rank growth and self-distillation inside `fit`.
 
-    def __init__(self, model: nn.Module, cfg: AptConfig, total_steps: int, dense_cost: float):
-        """`dense_cost`: the dense model's layer parameters (or FLOPs per token, for keep_flops): the schedule's
-        fractions refer to it, not to the model at each step."""
-        self.cfg = cfg
-        self.schedule = cubic_schedule(cfg, total_steps)
+    The hook decides, `fit` acts: at a scheduled step it asks for a plan (the salience summed over the ranks
+    first, the main rank selecting), then, once the plan is applied, for the adapters to grow.
+    """
+
+    def __init__(self, model: nn.Module, options: AptOptions, target: Budget, dense_cost: float):
+        """`target`: the final budget (keep_params or keep_flops); `dense_cost`: the dense model's layer parameters
+        (or FLOPs per token, for keep_flops): the schedule's fractions refer to it, not to the model at each step."""
+        self.cfg = options
+        self.target = target
+        self.keep = target_keep(target)
         self.reference = dense_cost
-        self.stats = ActivationStats(unwrap(model), hidden=cfg.hidden, ema=cfg.ema, signal=cfg.signal)
+        self.schedule: dict[int, float] = {}  # set by start(), from the run's step count
+        self.runtime = Runtime.single()
+        self.stats = ActivationStats(unwrap(model), hidden=options.prune_hidden, ema=options.ema,
+                                     signal=options.signal)
         layers = adapters.lora_layers(model)
         self.start_rank = {n: adapters.lora_rank(m) for n, m in layers.items()}
         self.start_lora_params = self._lora_params(model)
         self.timeline = Timeline()
         self.timeline.add(0, model)
-        self.distiller = SelfDistiller(cfg) if cfg.distill else None
+        self.distiller = SelfDistiller(options) if options.distill else None
         self.eval_history: list[dict] = []
 
     @staticmethod
     def _lora_params(model: nn.Module) -> int:
         return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+    def budget(self, keep: float) -> Budget:
+        """The engine's budget for keeping `keep` of the dense cost, in the target's unit (APT ranks hidden dims,
+        heads and neurons together by salience per parameter when hidden dims are pruned)."""
+        field_name = "keep_flops" if self.target.keep_flops is not None else "keep_params"
+        return replace(self.target, **{field_name: keep}, reference=self.reference)
+
+    def start(self, total: int, runtime: Runtime) -> None:
+        self.schedule = cubic_schedule(self.cfg, self.keep, total)
+        self.runtime = runtime
 
     def forward_kwargs(self) -> dict:
         return {"output_hidden_states": True} if self.distiller and self.distiller.teacher is not None else {}
@@ -244,31 +233,40 @@ class AptHook(TrainHook):
         if is_best and self.distiller is not None:
             self.distiller.snapshot(model)
 
-    def after_step(self, step, total, model, optimizer) -> bool:
+    def gradient_scale(self, scale: float) -> None:
+        self.stats.unscale_step(scale)
+
+    def after_step(self, step: int, model: nn.Module) -> Change | None:
         self.stats.step()
         if step not in self.schedule:
-            return False
+            return None
+        # every rank saw its own share of the batch: the mean over ranks is the salience of the whole batch (the
+        # moving average is linear, so averaging only now equals averaging every step)
+        self.stats.salience = self.runtime.mean(self.stats.salience)
         keep = self.schedule[step]
-        plan = select(model, self.stats.to_scores(), self.cfg.budget(keep, self.reference))
-        before = dict(model.named_parameters())
-        log = apply_plan(model, plan)
-        self._follow(plan, model, optimizer, before, log)
-        grown = self._grow(model, optimizer)
-        self.timeline.add(step, model, target_keep=keep, grown_adapters=grown)
-        return True
+        if not self.runtime.is_main:
+            return Change(note={"target_keep": keep})  # the main rank's plan comes instead
+        plan = select(model, self.stats.to_scores(), self.budget(keep))
+        return Change(plan=plan, note={"target_keep": keep})
 
-    def _follow(self, plan: PruningPlan, model, optimizer, before, log: SliceLog) -> None:
-        remap_optimizer(optimizer, log, model)
-        self.stats.follow_plan(plan)
-        self.stats.rehook(unwrap(model))
+    def after_change(self, step: int, change: Change, model: nn.Module, log: SliceLog, before: dict) -> Change | None:
+        if change.plan is not None:
+            self.stats.follow_plan(change.plan)
+            self.stats.rehook(unwrap(model))
         if self.distiller is not None:
             self.distiller.follow_surgery(model, before, log)
+        keep = change.note.get("target_keep")
+        self.timeline.add(step, model, target_keep=keep, grown_adapters=len(change.ranks))
+        if change.plan is None:
+            return None
+        # after pruning, the most salient adapters grow (new directions start at zero: the function is unchanged)
+        return Change(ranks=self._growth(model) if self.runtime.is_main else {}, note={"target_keep": keep})
 
-    def _grow(self, model: nn.Module, optimizer) -> int:
-        """Grow the most salient adapters (by their layer's head salience) within the tuning budget."""
+    def _growth(self, model: nn.Module) -> dict[str, int]:
+        """The new ranks of the most salient adapters (by their layer's head salience), within the tuning budget."""
         layers = adapters.lora_layers(model)
         if not layers:
-            return 0
+            return {}
         lora_ids = {id(x) for x in layers.values()}
         layer_of = {id(m): lay.key for lay in layer_sites(model) for m in lay.module.modules() if id(m) in lora_ids}
         sal = {}
@@ -278,53 +276,61 @@ class AptHook(TrainHook):
         ranked = sorted(layers.items(), key=lambda kv: -sal.get(layer_of.get(id(kv[1]), ""), 0.0))
         ranked = ranked[: max(1, int(len(ranked) * self.cfg.grow_fraction))]
         budget = self.cfg.tuning_budget * self.start_lora_params
-        before = dict(model.named_parameters())
-        log, grown = SliceLog(), 0
+        lora_params, out = self._lora_params(model), {}
         for name, layer in ranked:
             r0 = self.start_rank.get(name, adapters.lora_rank(layer))
             new_r = min(adapters.lora_rank(layer) + r0, self.cfg.max_rank_mult * r0)
             a, b = layer.lora_A[adapters.ADAPTER].weight, layer.lora_B[adapters.ADAPTER].weight
             extra = (new_r - a.shape[0]) * (a.shape[1] + b.shape[0])
-            if extra <= 0 or self._lora_params(model) + extra > budget:
+            if extra <= 0 or lora_params + extra > budget:
                 continue
-            adapters.grow_rank(layer, new_r, log)
-            grown += 1
-        remap_optimizer(optimizer, log)
-        if self.distiller is not None:
-            self.distiller.follow_surgery(model, before, log)
-        return grown
+            out[name] = new_r
+            lora_params += extra
+        return out
+
+    def state_dict(self) -> dict:
+        return {"salience": dict(self.stats.salience), "timeline": self.timeline.rows,
+                "eval_history": self.eval_history,
+                "teacher": self.distiller.teacher if self.distiller is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.runtime.device
+        self.stats.salience = {k: v.to(device) for k, v in state["salience"].items()}
+        self.timeline.rows = list(state["timeline"])
+        self.eval_history = list(state["eval_history"])
+        if self.distiller is not None and state["teacher"] is not None:
+            self.distiller.teacher = {k: v.to(device) for k, v in state["teacher"].items()}
 
     def close(self) -> None:
         self.stats.remove()
 
 
-def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfig, sample_loader):
+def run_apt(cfg: RunConfig, model: nn.Module, train_loader, evaluate, context: RunContext, sample_loader):
     """The `apt` method for the fine-tuning recipe (see recipes.py)."""
-    from prunetune.recipes import MethodResult, target_budget, targets_for
+    from prunetune.recipes import MethodResult, training_options
 
     target = target_budget(cfg)
-    apt_cfg = AptConfig(keep_params=target.keep_params or 0.4, keep_flops=target.keep_flops, seq_len=target.seq_len,
-                        distill=cfg.distill, **cfg.extra)
-    dense_cost = layer_cost(model, apt_cfg.flops_seq)
+    options = cfg.apt
+    dense_cost = layer_cost(model, flops_seq(target))
     extra: dict = {}
-    if cfg.prune_before_training:
+    if options.prune_before_training:
         # large decoders: outlier-aware score on a calibration sample, prune once, then tune
-        scorer = cfg.scorer or "salience_kurtosis"
-        scores = compute(model, sample_loader, scorer, hidden=apt_cfg.hidden)
+        scorer = options.scorer or "salience_kurtosis"
+        # every rank scores the same sample; the main rank's scores decide (GPU kernels need not agree to the bit)
+        scores = context.runtime.broadcast(compute(model, sample_loader, scorer, hidden=options.prune_hidden))
         # each layer's scores are L2-normalised (raw scores differ by orders of magnitude between layers of a
         # decoder), which leaves kinds incomparable: per_layer then rescales each kind to its cost share
-        plan = select(model, scores, apt_cfg.budget(apt_cfg.keep), normalize="per_layer")
+        plan = select(model, scores, target, normalize="per_layer")
         plan.meta["scorer"] = scorer
         apply_plan(model, plan)
         own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident
         extra["plan_before_training"] = plan.to_dict()
-        apt_cfg.prune_steps = 0
-    peft_model = adapters.apply_lora(model, rank=cfg.rank, targets=targets_for(cfg))
+        options = replace(options, prune_steps=0)
+    peft_model = adapters.apply_lora(model, rank=cfg.lora.rank, targets=targets_for(cfg))
     _, trainable = adapters.count_parameters(peft_model)
-    steps = max(1, math.ceil(math.ceil(len(train_loader) / train_cfg.grad_accum) * train_cfg.epochs))
-    hook = AptHook(peft_model, apt_cfg, steps, dense_cost)
+    hook = AptHook(peft_model, options, target, dense_cost)
     try:
-        res = fit(peft_model, train_loader, evaluate, train_cfg, hooks=[hook])
+        res = fit(peft_model, train_loader, evaluate, training_options(cfg), hooks=[hook], context=context)
     finally:
         hook.close()
     _, trainable_end = adapters.count_parameters(peft_model)
@@ -333,7 +339,7 @@ def run_apt(cfg, model: nn.Module, train_loader, evaluate, train_cfg: TrainConfi
         "eval_history": hook.eval_history,
         "trainable_params_end": trainable_end,
         "schedule": {str(k): v for k, v in hook.schedule.items()},
-        "distill": apt_cfg.distill,
+        "distill": options.distill,
         "teacher_mem_mb": (hook.distiller.memory_bytes() / 2**20) if hook.distiller else 0.0,
     })
     return MethodResult(peft_model, res, trainable, None, extra)

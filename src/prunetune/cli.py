@@ -1,7 +1,8 @@
 """The ``prunetune`` command: a thin argparse layer mapping each subcommand to one typed function.
 
 Flags default to None ("not given"): the defaults live in one place, the function or dataclass a command
-calls (FinetuneConfig for finetune), so a flag a command or method would not use can be refused, not ignored.
+calls (for finetune, prunetune.config.RunConfig, whose fields also generate the flags), so a flag a command or
+method would not use can be refused, not ignored.
 Every user error, argparse's own included, is one ``prunetune: error: ...`` line and exit status 2.
 """
 
@@ -158,67 +159,15 @@ def _add_data(p: argparse.ArgumentParser, multi: bool = False) -> None:
 
 
 def _add_finetune(sub) -> None:
-    from prunetune.recipes import DEFAULT_LR, METHOD_OPTIONS, METHODS, FinetuneConfig
-
-    d = FinetuneConfig.__dataclass_fields__  # the defaults shown in --help are the dataclass's
-
-    def default(name: str) -> str:
-        return f"(default {d[name].default})"
+    from prunetune.config import add_arguments, method_epilog
 
     p = sub.add_parser("finetune", help="fine-tune (full, lora, prune-lora, lora-prune, apt) and export",
                        description="Fine-tune a model on a task with one method and export the compact result, "
-                                   "its adapter and a report. Each method refuses the flags it does not use.",
-                       epilog="flags of one method only:\n" + "\n".join(
-                           f"  {m:<11} {' '.join(_flag(o) for o in sorted(opts) if o != 'extra') or '(none)'}"
-                           for m, opts in METHOD_OPTIONS.items()),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="model directory, hub id, or nothing for the embedded MiniLM")
-    p.add_argument("--task", help=_task_help())
-    p.add_argument("--data", help="a directory with train and dev files, or one data file (CSV, TSV, JSON, JSONL, "
-                                  "Parquet) split into training rows and seeded held-out dev rows (see --dev-fraction; "
-                                  "QA holds out whole articles), or a `datasets` name where the hub is reachable")
-    p.add_argument("--dev-data", help="dev rows from this file (used whole) or GLUE directory instead")
-    p.add_argument("--dev-fraction", type=float,
-                   help=f"a single --data file: the share held out as dev rows, by --seed {default('dev_fraction')}")
-    p.add_argument("--samples", type=int, help=f"examples importance is scored on {default('samples')}")
-    p.add_argument("--max-length", type=int, help=f"tokens per example {default('max_length')}")
-    p.add_argument("--method", choices=METHODS, help=f"{default('method')}")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true", default=None)
-    p.add_argument("--epochs", type=float, help=default("epochs"))
-    p.add_argument("--lr", type=float, help="learning rate (default per method: "
-                                            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    p.add_argument("--batch-size", type=int, help=default("batch_size"))
-    p.add_argument("--grad-accum", type=int, help=default("grad_accum"))
-    p.add_argument("--seed", type=int, help=default("seed"))
-    p.add_argument("--train-limit", type=int, help="train on a seeded subset of this many examples")
-    p.add_argument("--eval-limit", type=int, help="evaluate on a seeded subset of this many examples")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: every epoch)")
-    p.add_argument("--rank", type=int, help=f"lora, lora-prune: LoRA rank; apt: starting rank {default('rank')}")
-    p.add_argument("--lora-targets", choices=["attention", "ffn-in", "all"],
-                   help="linears with adapters: q/k/v/o; also the FFN's input projection(s); or all of the FFN's "
-                        "(default: all for apt, else attention)")
-    p.add_argument("--rank-high", type=int, help=f"prune-lora: rank of the top blocks {default('rank_high')}")
-    p.add_argument("--rank-low", type=int, help=f"prune-lora: rank of the other blocks {default('rank_low')}")
-    p.add_argument("--top-blocks", type=int,
-                   help="prune-lora: blocks given --rank-high (default a third of them: 4 of BERT-base's 12)")
-    p.add_argument("--heads-keep", type=float, help="prune-lora: fraction (or count) of heads kept (default 100/144)")
-    p.add_argument("--neurons-keep", type=float, help="prune-lora: fraction (or count) of FFN neurons kept")
-    p.add_argument("--keep-params", type=float,
-                   help="lora-prune/apt: fraction of the prunable layer parameters to keep (default 0.4)")
-    p.add_argument("--keep-flops", type=float,
-                   help="lora-prune/apt: or the fraction of the layers' FLOPs per token to keep, at --seq-len")
-    p.add_argument("--seq-len", type=int, help="the sequence length FLOPs are stated at (default --max-length)")
-    p.add_argument("--recovery-epochs", type=float,
-                   help=f"lora-prune: LoRA recovery after pruning, in epochs {default('recovery_epochs')}")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast on GPUs (default auto: bf16 where supported); CPUs run fp32")
-    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
-                   help="apt: self-distillation from the best evaluation so far (needs --eval-every)")
-    p.add_argument("--prune-before-training", action="store_true", default=None,
-                   help="apt: prune once on a calibration sample, then tune")
-    p.add_argument("--scorer", help="apt --prune-before-training: scorer (default salience_kurtosis)")
-    _add_task_options(p)
+                                   "its adapter and a report. Each method refuses the flags it does not use. "
+                                   "Under torchrun (or accelerate launch) the run is data-parallel.",
+                       epilog=method_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)  # every flag generated from prunetune.config.RunConfig
+    _add_task_options(p)  # the tasks' own options (their dataclasses), shared with the other commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,7 +286,7 @@ def _flag(name: str) -> str:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse numbers out of range and flags that the other flags given make meaningless."""
-    from prunetune.recipes import check_numbers
+    from prunetune.config import check_numbers
 
     values = vars(args)
     check_numbers(values)
@@ -393,12 +342,14 @@ def run(argv: list[str] | None = None) -> int:
         info = pipeline.run_info(args.model)
         print(json.dumps(info, indent=1) if args.json else _info_table(info))
     elif args.command == "finetune":
-        from prunetune.recipes import FinetuneConfig, finetune
+        from prunetune.config import RunConfig
+        from prunetune.recipes import finetune
 
         args.task_options = options
-        report = finetune(FinetuneConfig.from_args(args))
-        print(report["summary"])
-        print(_outputs(report))
+        report = finetune(RunConfig.from_flags(vars(args)))
+        if report is not None:  # None: another rank of a data-parallel run, which writes nothing
+            print(report["summary"])
+            print(_outputs(report))
     elif args.command == "evaluate":
         from prunetune.recipes import evaluate_export
 

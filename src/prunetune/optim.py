@@ -15,8 +15,9 @@ single-weight adapters. So the moments stay exactly what a fresh Adam would hold
 same recursion after), and an optimizer step hook replaces the new rows' update by the one a fresh
 Adam makes at their own age: exact, up to rounding, for Adam and AdamW (amsgrad, weight decay and
 maximize included; other optimizers keep no bias correction and are left alone). The rows' birth steps
-live beside the optimizer (weakly keyed by it), not in its state_dict: a run resumed from a saved
-optimizer state would treat them as old rows.
+live beside the optimizer (weakly keyed by it), not in its state_dict, so the training loop's run state
+stores them (growth_state / load_growth_state): a run resumed from the optimizer's state alone would treat
+them as old rows.
 """
 
 from __future__ import annotations
@@ -159,3 +160,20 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, log: SliceLog, model: torc
                 correction.births.pop(p, None)
             group["params"] = [p for p in group["params"] if id(p) in live]
     return remapped
+
+
+def growth_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:
+    """The grown rows' birth steps, by parameter name (`names`: id of a parameter -> its name), for a checkpoint."""
+    hook = _CORRECTIONS.get(optimizer)
+    if hook is None:
+        return {}
+    return {names[id(p)]: {"dim": e.dim, "step": e.step.clone(), "seen": e.seen} for p, e in hook.births.items()}
+
+
+def load_growth_state(optimizer: torch.optim.Optimizer, state: dict, params: dict[str, torch.nn.Parameter]) -> None:
+    """Put saved birth steps back (`params`: the model's parameters by name)."""
+    if not state:
+        return
+    hook = _correction(optimizer)
+    hook.births = {params[name]: _Births(int(d["dim"]), d["step"].to(torch.float64), float(d["seen"]))
+                   for name, d in state.items()}

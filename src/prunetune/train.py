@@ -1,9 +1,13 @@
 """One training loop for every method: AdamW, warm-up + linear decay, accumulation, evaluation, best state.
 
-``fit`` receives every dependency (model, loaders, evaluation, config, hooks) and owns none of the I/O
-beyond the metrics log. Methods that change the model mid-training (APT) do so through a hook that runs
-after an optimizer step and may replace parameters; the loop keeps the optimizer and scheduler, whose
-state the hook transforms (see optim.py), so nothing restarts.
+``fit`` receives every dependency (model, loaders, evaluation, options, hooks, the run's context) and owns
+one serialisable :class:`~prunetune.state.RunState`: position in the data, optimizer, scheduler, RNG states,
+best evaluation, history, the structure changes applied so far and the hooks' own state. The step count is
+computed here, once, and handed to the hooks. A hook that wants the model's structure changed (APT) returns
+a :class:`~prunetune.structure.Change` and the loop applies it in one place (surgery, optimizer remapped,
+hooks follow, the data-parallel wrapper rebuilt); nothing restarts. With a context that saves every N steps,
+the state goes to a checkpoint (the caller writes it); given a saved state, ``fit`` rebuilds the shapes it
+recorded and goes on exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-DEFAULT_SEED = 42  # every command's default seed: importance, prune and finetune pick the same sample and head
+from prunetune.config import DEFAULT_SEED, TrainingOptions
+from prunetune.errors import PrunetuneError
+from prunetune.optim import growth_state, load_growth_state
+from prunetune.runtime import Runtime, TrainData
+from prunetune.state import RunState, capture_rng, decode, encode, restore_rng
+from prunetune.structure import Change, change_structure, step_changes
+
+__all__ = ["DEFAULT_SEED", "FitResult", "RunContext", "TrainConfig", "TrainHook", "fit", "predict"]
 
 # Progress bars and stage lines on stderr; library users (and tests) may turn them off, as with transformers'
 # and datasets' own bars.
@@ -51,21 +62,8 @@ def status(message: str) -> None:
         tqdm.write(f"prunetune: {message}", file=sys.stderr)
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by every method."""
-
-    epochs: float = 1.0  # may be fractional
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06  # fraction of the steps with a linear warm-up
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float = 1.0
-    eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of every epoch
-    seed: int = DEFAULT_SEED
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    progress: bool = True
-    log_path: Path | None = None  # metrics per step, JSONL
+# The loop reads the run configuration's training part (config.TrainingOptions): one source of defaults.
+TrainConfig = TrainingOptions
 
 
 @dataclass
@@ -78,6 +76,7 @@ class FitResult:
     train_time_s: float = 0.0
     steps: int = 0
     precision: str = "fp32"  # the autocast dtype the steps actually ran in
+    changes: list[dict] = field(default_factory=list)  # the structure changes applied: {"step", "change"}
 
 
 # the report's names of autocast dtypes (None: no autocast, full precision)
@@ -85,11 +84,26 @@ PRECISION_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class TrainHook:
-    """Extension point: called after each optimizer step and after each evaluation."""
+    """Extension point of the loop. A hook never changes the model's structure itself: it returns a Change, which
+    the loop applies (see structure.py), and then tells every hook (after_change)."""
 
-    def after_step(self, step: int, total: int, model: nn.Module, optimizer) -> bool:
-        """Return True when the model's structure changed (the best state is then reset)."""
-        return False
+    def start(self, total: int, runtime: Runtime) -> None:
+        """Called once before the first step (and before a resumed run replays its changes): the run's step count
+        and its ranks."""
+
+    def gradient_scale(self, scale: float) -> None:
+        """Before an optimizer step under fp16: its gradients are of the loss times `scale` (the gradient scaler's),
+        and are not finite when the step overflowed (the scaler then skips it)."""
+
+    def after_step(self, step: int, model: nn.Module) -> Change | None:
+        """After each optimizer step: a structure change to apply now, or None. Under data parallelism every rank
+        must return a Change at the same steps; the main rank's is applied everywhere."""
+        return None
+
+    def after_change(self, step: int, change: Change, model: nn.Module, log, before: dict) -> Change | None:
+        """After the loop applied a change (`log`: the replaced parameters; `before`: the parameters by name before
+        it): follow it; the hook whose change it was may ask for a follow-up change (e.g. growth after pruning)."""
+        return None
 
     def after_eval(self, step: int, metrics: dict, model: nn.Module, is_best: bool) -> None:
         pass
@@ -101,6 +115,26 @@ class TrainHook:
     def loss(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor | None:
         """Replace the task loss (e.g. distillation); None keeps it."""
         return None
+
+    def state_dict(self) -> dict:
+        """The hook's own state for a checkpoint (tensors allowed, at any depth)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class RunContext:
+    """What a run gives the loop besides its options: ranks and device, where the metrics go, where checkpoints go,
+    and a saved state to resume from."""
+
+    runtime: Runtime = field(default_factory=Runtime.single)  # default: one process, on the GPU when there is one
+    log_path: Path | None = None  # metrics per step, JSONL (the main rank writes it)
+    progress: bool = True
+    save_every: int = 0  # optimizer steps between checkpoints (0: none)
+    save: Callable[[RunState], None] | None = None  # writes a checkpoint; called on the main rank only
+    resume: RunState | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -125,9 +159,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
-    """AdamW over the trainable parameters with linear warm-up and linear decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: nn.Module, cfg: TrainingOptions, total_steps: int, names: list[str] | None = None):
+    """AdamW over the trainable parameters (or the named ones, in that order) with linear warm-up and decay."""
+    if cfg.lr is None:
+        raise PrunetuneError("training needs a learning rate (TrainingOptions.lr)")
+    if names is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        by_name = dict(model.named_parameters())
+        params = [by_name[n] for n in names]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
 
@@ -152,13 +192,247 @@ def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 params[n].copy_(v)
 
 
+def _first_difference(saved: dict[str, list[int]], live: dict[str, list[int]]) -> str:
+    for name in sorted(set(saved) | set(live)):
+        if saved.get(name) != live.get(name):
+            return f"{name}: {saved.get(name) or 'absent'} in the checkpoint, {live.get(name) or 'absent'} here"
+    return ""
+
+
+class _Loop:
+    """One run of `fit`: the model, its wrapper, optimizer, scheduler and the RunState they advance."""
+
+    def __init__(self, model: nn.Module, train_loader, evaluate, cfg: TrainingOptions, hooks, ctx: RunContext,
+                 main_metric: str, device: torch.device | None):
+        self.model, self.evaluate, self.cfg, self.hooks, self.ctx = model, evaluate, cfg, list(hooks), ctx
+        self.main_metric = main_metric
+        self.runtime = ctx.runtime if device is None or ctx.runtime.distributed else Runtime.single(device)
+        self.device = self.runtime.device
+        self.data = TrainData(train_loader, self.runtime, cfg.seed)
+        per_epoch = self.data.per_epoch()
+        if per_epoch == 0:
+            raise PrunetuneError("no training batch: the training set is empty")
+        # the run's step count, computed here once; hooks get it from start()
+        self.total = max(1, math.ceil(math.ceil(per_epoch / cfg.grad_accum) * cfg.epochs))
+        self.eval_every = cfg.eval_every or math.ceil(per_epoch / cfg.grad_accum)
+        self.state = RunState(total_steps=self.total, world_size=self.runtime.world_size)
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.amp = autocast_dtype(cfg.precision, self.device)
+
+    # -- setting up, resuming --------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        seed_everything(self.cfg.seed)
+        self.model.to(self.device)
+        for h in self.hooks:
+            h.start(self.total, self.runtime)
+        resume = self.ctx.resume
+        if resume is not None:
+            self._rebuild(resume)
+        names = [n for group in resume.param_names for n in group] if resume is not None else None
+        self.optimizer, self.scheduler = (make_optimizer(self.model, self.cfg, self.total, names) if names
+                                          else make_optimizer(self.model, self.cfg, self.total))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        if resume is not None:
+            self._load(resume)
+        self.wrapped = self.runtime.wrap(self.model)
+
+    def _rebuild(self, saved: RunState) -> None:
+        """Replay the recorded structure changes on the freshly built model, then load its trainable tensors."""
+        if saved.total_steps != self.total:
+            raise PrunetuneError(f"--resume: the checkpoint's run has {saved.total_steps} steps, this one "
+                                 f"{self.total} (other data or epochs?)")
+        if saved.world_size != self.runtime.world_size:
+            raise PrunetuneError(f"--resume: the checkpoint was written by {saved.world_size} process(es), this run "
+                                 f"has {self.runtime.world_size}; the data order and batches depend on it")
+        for record in saved.changes:  # no optimizer yet: it is built on the rebuilt model
+            change_structure(self.model, Change.from_dict(record["change"]), self.hooks, seed=self.cfg.seed,
+                             step=record["step"])
+        live = {n: list(p.shape) for n, p in self.model.named_parameters()}
+        if live != saved.shapes:
+            raise PrunetuneError("--resume: the checkpoint does not fit the model this run builds ("
+                                 + _first_difference(saved.shapes, live) + ")")
+        params = dict(self.model.named_parameters())
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        if trainable != set(saved.params):
+            raise PrunetuneError("--resume: the checkpoint trained other parameters than this run does")
+        with torch.no_grad():
+            for n, v in saved.params.items():
+                params[n].copy_(v)
+
+    def _load(self, saved: RunState) -> None:
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        if self.scaler is not None and saved.scaler:
+            self.scaler.load_state_dict(saved.scaler)
+        load_growth_state(self.optimizer, saved.growth, dict(self.model.named_parameters()))
+        for name in ("step", "epoch", "batch", "train_time_s", "history", "best", "best_step", "changes"):
+            setattr(self.state, name, getattr(saved, name))
+        self.best_state = ({n: v.to(self.device) for n, v in saved.best_state.items()}
+                           if saved.best_state is not None else None)
+        mine = saved.ranks[self.runtime.rank]
+        for hook, hook_state in zip(self.hooks, mine["hooks"], strict=True):
+            hook.load_state_dict(hook_state)
+        restore_rng(mine["rng"])  # last: nothing may draw between here and the next step
+
+    def capture(self) -> RunState:
+        """The whole state now (a step boundary). A collective under data parallelism: every rank calls it."""
+        s = self.state
+        named = dict(self.model.named_parameters())
+        names = {id(p): n for n, p in named.items()}
+        local = {"rng": capture_rng(), "hooks": [h.state_dict() for h in self.hooks]}
+        if self.runtime.distributed:  # plain CPU data over the wire; every rank's part kept
+            tensors: dict = {}
+            meta = encode(local, tensors, "rank")
+            ranks = [decode(m, t) for m, t in self.runtime.gather((meta, tensors))]
+        else:
+            ranks = [local]
+        return RunState(
+            step=s.step, epoch=s.epoch, batch=s.batch, total_steps=s.total_steps, world_size=s.world_size,
+            train_time_s=s.train_time_s + (time.perf_counter() - self.started), history=list(s.history),
+            best=s.best, best_step=s.best_step, best_state=self.best_state, changes=list(s.changes),
+            params={n: p for n, p in named.items() if p.requires_grad},
+            shapes={n: list(p.shape) for n, p in named.items()},
+            param_names=[[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups],
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            growth=growth_state(self.optimizer, names), ranks=ranks,
+        )
+
+    # -- structure changes -----------------------------------------------------------------------------
+
+    def _structure(self, step: int) -> bool:
+        """Apply the changes the hooks ask for after this step (see structure.step_changes)."""
+        changed = step_changes(step, self.model, self.hooks, seed=self.cfg.seed, optimizer=self.optimizer,
+                               runtime=self.runtime, record=self.state.changes)
+        if changed:  # shapes changed: DDP's buckets, and an earlier best state, no longer fit
+            self.best_state, self.state.best = None, None
+            self.runtime.release(self.wrapped)
+            self.wrapped = self.runtime.wrap(self.model)
+        return changed
+
+    # -- the steps -------------------------------------------------------------------------------------
+
+    def _forward_backward(self, batch: dict, sync: bool) -> tuple[torch.Tensor, int]:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.runtime.no_sync(self.wrapped, skip=not sync):
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                extra = {k: v for h in self.hooks for k, v in h.forward_kwargs().items()}
+                outputs = self.wrapped(**batch, **extra)
+                loss = outputs.loss
+                for h in self.hooks:
+                    replaced = h.loss(self.model, batch, outputs)
+                    loss = replaced if replaced is not None else loss
+            scaled = loss / self.cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.detach(), batch["input_ids"].shape[0]
+
+    def _optimizer_step(self) -> None:
+        optimizer, scaler = self.optimizer, self.scaler
+        if scaler:
+            for h in self.hooks:  # gradients read off the backward pass (APT's salience) are scaled too
+                h.gradient_scale(float(scaler.get_scale()))
+            scaler.unscale_(optimizer)
+        if self.cfg.max_grad_norm:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _evaluate(self, step: int, entry: dict) -> None:
+        self.model.eval()
+        metrics = self.evaluate(self.model)
+        self.model.train()
+        entry["eval"] = metrics
+        s = self.state
+        improves = getattr(self.evaluate, "improves", None)  # a task's evaluation knows its metric's direction
+        if s.best is None:
+            is_best = True
+        elif improves is not None:
+            is_best = improves(metrics, s.best)
+        else:
+            is_best = metrics[self.main_metric] >= s.best[self.main_metric]
+        if is_best:
+            s.best, s.best_step, self.best_state = metrics, step, _snapshot(self.model)
+        for h in self.hooks:
+            h.after_eval(step, metrics, self.model, is_best)
+
+    def _checkpoint(self) -> None:
+        state = self.capture()
+        if self.runtime.is_main:
+            self.ctx.save(state)
+        self.runtime.barrier()  # no rank runs ahead of a checkpoint being written
+
+    def run(self) -> FitResult:
+        s, cfg = self.state, self.cfg
+        self.started = time.perf_counter()
+        first_step = s.step
+        main = self.runtime.is_main
+        log = open(self.ctx.log_path, "a") if self.ctx.log_path and main else None  # noqa: SIM115 (closed below)
+        if log:  # a resumed run's log starts with the steps done before
+            log.writelines(json.dumps(e) + "\n" for e in s.history)
+        bar = progress(total=self.total, enabled=self.ctx.progress and main, desc="train", unit="step", leave=True)
+        bar.update(s.step)
+        micro = 0
+        try:
+            self.model.train()
+            while s.step < self.total:
+                for batch in self.data.epoch(s.epoch, s.batch):
+                    s.batch += 1
+                    micro += 1
+                    sync = micro % cfg.grad_accum == 0
+                    loss, rows = self._forward_backward(batch, sync)
+                    if not sync:
+                        continue
+                    self._optimizer_step()
+                    s.step += 1
+                    self._structure(s.step)
+                    entry = {"step": s.step, "loss": float(loss), "lr": self.scheduler.get_last_lr()[0]}
+                    done = (s.step - first_step) * cfg.grad_accum * rows * self.runtime.world_size
+                    entry["examples_per_s"] = done / (time.perf_counter() - self.started)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}", ex_per_s=f"{entry['examples_per_s']:.1f}")
+                    if s.step % self.eval_every == 0 or s.step == self.total:
+                        self._evaluate(s.step, entry)
+                    s.history.append(entry)
+                    if log:
+                        log.write(json.dumps(entry) + "\n")
+                        log.flush()
+                    every = self.ctx.save_every
+                    if every and self.ctx.save and (s.step % every == 0 or s.step == self.total):
+                        self._checkpoint()
+                    if s.step >= self.total:
+                        break
+                else:  # the epoch is over
+                    s.epoch, s.batch = s.epoch + 1, 0
+                    continue
+                break
+        finally:
+            bar.close()
+            if log:
+                log.close()
+            self.runtime.release(self.wrapped)
+        elapsed = s.train_time_s + (time.perf_counter() - self.started)
+        if self.best_state is not None:
+            _restore(self.model, self.best_state)
+        self.model.eval()
+        return FitResult(history=s.history, best=s.best, best_step=s.best_step, train_time_s=elapsed, steps=s.step,
+                         precision=PRECISION_NAMES[self.amp], changes=s.changes)
+
+
 def fit(
     model: nn.Module,
     train_loader: Iterable[dict],
     evaluate: Callable[[nn.Module], dict],
-    cfg: TrainConfig,
+    cfg: TrainingOptions,
     *,
-    hooks: list[TrainHook] = (),
+    hooks: Iterable[TrainHook] = (),
+    context: RunContext | None = None,
     device: torch.device | None = None,
     main_metric: str = "main",
 ) -> FitResult:
@@ -166,89 +440,12 @@ def fit(
 
     The best evaluation is the one a task's evaluation (tasks.Evaluation) says `improves` on the others, in the
     direction of its main metric; for a plain function, the highest `main_metric`.
+    `context`: ranks, metrics log, checkpoints and a state to resume from (default: one process, no files).
+    `device` picks the device of a single-process run (default: the GPU when there is one).
     """
-    improves = getattr(evaluate, "improves", None)
-    seed_everything(cfg.seed)
-    device = device or pick_device()
-    model.to(device)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    optimizer, scheduler = make_optimizer(model, cfg, total)
-    amp = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    log = open(cfg.log_path, "a") if cfg.log_path else None  # noqa: SIM115 (closed in finally)
-    result = FitResult(precision=PRECISION_NAMES[amp])
-    best_state, step, micro = None, 0, 0
-    eval_every = cfg.eval_every or steps_per_epoch
-    bar = progress(total=total, enabled=cfg.progress, desc="train", unit="step", leave=True)
-    start = time.perf_counter()
-    try:
-        model.train()
-        while step < total:
-            for batch in train_loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    extra = {k: v for h in hooks for k, v in h.forward_kwargs().items()}
-                    outputs = model(**batch, **extra)
-                    loss = outputs.loss
-                    for h in hooks:
-                        replaced = h.loss(model, batch, outputs)
-                        loss = replaced if replaced is not None else loss
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                micro += 1
-                if micro % cfg.grad_accum:
-                    continue
-                if scaler:
-                    scaler.unscale_(optimizer)
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                # Fix: a list, not a generator: any() stopped at the first hook that changed the model, so
-                # the hooks after it never saw that step.
-                changed = any([h.after_step(step, total, model, optimizer) for h in hooks])
-                if changed:  # shapes changed: an earlier best state no longer fits
-                    best_state, result.best = None, None
-                entry = {"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
-                entry["examples_per_s"] = step * cfg.grad_accum * batch["input_ids"].shape[0] / (
-                    time.perf_counter() - start
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", ex_per_s=f"{entry['examples_per_s']:.1f}")
-                if step % eval_every == 0 or step == total:
-                    model.eval()
-                    metrics = evaluate(model)
-                    model.train()
-                    entry["eval"] = metrics
-                    if result.best is None:
-                        is_best = True
-                    elif improves is not None:
-                        is_best = improves(metrics, result.best)
-                    else:
-                        is_best = metrics[main_metric] >= result.best[main_metric]
-                    if is_best:
-                        result.best, result.best_step, best_state = metrics, step, _snapshot(model)
-                    for h in hooks:
-                        h.after_eval(step, metrics, model, is_best)
-                result.history.append(entry)
-                if log:
-                    log.write(json.dumps(entry) + "\n")
-                    log.flush()
-                if step >= total:
-                    break
-    finally:
-        bar.close()
-        if log:
-            log.close()
-    result.train_time_s = time.perf_counter() - start
-    result.steps = step
-    if best_state is not None:
-        _restore(model, best_state)
-    model.eval()
-    return result
+    loop = _Loop(model, train_loader, evaluate, cfg, hooks, context or RunContext(), main_metric, device)
+    loop.setup()
+    return loop.run()
 
 
 @torch.no_grad()

@@ -138,6 +138,15 @@ class ActivationStats:
         """Add a term to this step's signal of one site before it is folded in (APT's kurtosis term)."""
         self._add(self._step, key, value)
 
+    def unscale_step(self, scale: float) -> None:
+        """This step's gradients were of the loss times `scale` (fp16's gradient scaler): divide it out (the fisher
+        signal is quadratic in the gradient), or drop the step when they overflowed (the optimizer skips it too)."""
+        power = 2 if self.signal == "fisher" else 1
+        if not all(bool(torch.isfinite(v).all()) for v in self._step.values()):
+            self._step = {}
+            return
+        self._step = {k: v / scale**power for k, v in self._step.items()}
+
     def step(self) -> None:
         """Fold this step's signal in (sum, or exponential moving average when `ema` is set)."""
         for k, v in self._step.items():
