@@ -23,7 +23,7 @@ from prunetune.importance import compute
 from prunetune.models import load_tokenizer
 from prunetune.plan import Budget, layer_param_count, select
 from prunetune.surgery import apply_plan
-from prunetune.train import TrainConfig, fit
+from prunetune.train import RunContext, TrainConfig, fit
 
 MAX_LENGTH = 56  # room for the Alpaca template's prompt and a response (tiny models have 64 positions)
 # what each family's base checkpoint is saved as: every task's head is loaded onto it (a new head, seeded)
@@ -81,8 +81,9 @@ def test_task_contract(name, family, models_dir, tmp_path):
     # two training steps, evaluated with the task's own evaluation
     loaders = task.loaders(tokenizer, data=data, train_limit=8, eval_limit=None, samples=8, max_length=MAX_LENGTH,
                            batch_size=4, seed=0)
-    cfg = TrainConfig(epochs=2 / len(loaders.train), lr=1e-3, progress=False, seed=0)
-    result = fit(model, loaders.train, task.evaluation(loaders.dev), cfg, device=torch.device("cpu"))
+    cfg = TrainConfig(epochs=2 / len(loaders.train), lr=1e-3, seed=0)
+    result = fit(model, loaders.train, task.evaluation(loaders.dev), cfg, device=torch.device("cpu"),
+                 context=RunContext(progress=False))
     assert result.steps == 2 and all(math.isfinite(h["loss"]) for h in result.history)
     in_memory = task.evaluate(model, loaders.dev)
     assert set(in_memory) == {*task.metric_names, "main"} - _absent(task, in_memory)

@@ -20,6 +20,7 @@ from engine_helpers import make_plan, tiny, word_tokenizer
 
 from prunetune import recipes, tasks
 from prunetune.cli import main
+from prunetune.config import RunConfig
 from prunetune.errors import PrunetuneError
 from prunetune.export import card_metadata, needs_prunetune, save_compact
 from prunetune.plan import model_info
@@ -270,9 +271,9 @@ def test_finetune_card_names_the_method_task_data_and_metrics(ws, tmp_path, monk
     # the fresh-process inference measurement (5 s) says nothing about the card
     monkeypatch.setattr(recipes, "_isolated_inference", lambda task, model_dir, cfg: {
         "batch32_latency_s": 0.0, "batch32_peak_mem_mb": 0.0, "batch32_seq_len": cfg.max_length})
-    cfg = recipes.FinetuneConfig(task="sst2", out=str(tmp_path / "run"), model=str(ws / "bert"),
-                                 data=str(ws / "sst2"), method="prune-lora", heads_keep=0.5, samples=16,
-                                 batch_size=16, max_length=16, progress=False)
+    cfg = RunConfig.from_flags(dict(task="sst2", out=str(tmp_path / "run"), model=str(ws / "bert"),
+                                    data=str(ws / "sst2"), method="prune-lora", heads_keep=0.5, samples=16,
+                                    batch_size=16, max_length=16, progress=False))
     report = recipes.finetune(cfg)
     out = tmp_path / "run" / "model"
     meta, body = card(out)
