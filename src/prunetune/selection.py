@@ -20,21 +20,28 @@ turns the choice into a plan and checks its cost on a weightless copy of the mod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 from torch import nn
 
 from prunetune.costs import head_costs, neuron_cost
 from prunetune.errors import PrunetuneError
 from prunetune.families import hidden_size, layer_sites
+from prunetune.knapsack import TOLERANCE, LayerChain, Unit, envelope, knapsack, ratio
 
 Normalize = Literal["none", "per_kind", "per_layer"]
 NORMALIZE_MODES: tuple[str, ...] = ("none", "per_kind", "per_layer")
 DEFAULT_NORMALIZE: Normalize = "none"  # scores of one scorer share a unit: compare them as they are
-TOLERANCE = 1e-6  # absolute slack on costs (parameters, FLOPs) for floating-point sums
 HIDDEN_GRID = 24  # hidden sizes tried in the coarse pass of the hidden search (then refined by halving)
+
+# What a cost budget may remove: "units" (heads, FFN neuron groups, hidden dims), "blocks" (whole attention and
+# FFN blocks), "layers" (whole layers), "mixed" (units, blocks and layers, ranked together).
+Granularity = Literal["units", "blocks", "layers", "mixed"]
+GRANULARITIES: tuple[str, ...] = ("units", "blocks", "layers", "mixed")
+DEFAULT_GRANULARITY: Granularity = "units"
+# a block's (layer's) bonus smaller than this share of its scores counts as none: it then orders nothing
+BONUS_EPS = 1e-9
 
 
 @dataclass
@@ -51,6 +58,8 @@ class Budget:
     round_to: int = 1  # keep neuron counts (and hidden sizes) in multiples of this where the budget allows
     reference: float | None = None  # the dense cost the fractions refer to (default: the live model's)
     prune_hidden: bool = False  # let keep_params / keep_flops remove hidden dims too, ranked with the rest
+    # see GRANULARITIES; None: "units", or "layers" for scores that score whole layers only (block_influence)
+    granularity: Granularity | None = None
 
     def check(self) -> None:
         for name in ("keep_params", "keep_flops", "hidden_keep"):
@@ -72,33 +81,15 @@ class Budget:
             raise PrunetuneError("pruning hidden dims with the rest needs --keep-params or --keep-flops")
         if self.prune_hidden and self.hidden_keep is not None:
             raise PrunetuneError("give either --hidden-keep (a fixed count) or hidden pruning by the budget, not both")
-
-
-@dataclass
-class Unit:
-    """A selectable piece of structure: `ids` are kept together.
-
-    Costs are linear in the fraction of hidden dims kept, s: cost = cost_const + cost_hidden * s; `cost` holds
-    the value at the s being evaluated (see Pool.at_scale).
-    """
-
-    kind: Literal["heads", "neurons"]
-    key: str
-    ids: list[int]
-    score: float
-    cost_const: float
-    cost_hidden: float
-    # its place among its layer's units of its kind, best first, in [0, 1): on equal score per cost the
-    # greedy takes every layer's best before any layer's second best (flat scores prune layers evenly)
-    rank: float = 0.0
-    cost: float = field(default=0.0, compare=False)
-
-    def at_scale(self, s: float) -> float:
-        return self.cost_const + self.cost_hidden * s
-
-
-def _ratio(value: float, cost: float) -> float:
-    return value / cost if cost > 0 else math.inf
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise PrunetuneError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
+        if self.granularity not in (None, "units"):
+            if self.keep_params is None and self.keep_flops is None:
+                raise PrunetuneError(f"granularity {self.granularity!r} removes whole blocks or layers under a cost "
+                                     "budget: give --keep-params or --keep-flops")
+            if self.heads_keep is not None or self.neurons_keep is not None:
+                raise PrunetuneError(f"granularity {self.granularity!r} chooses which blocks keep heads and neurons: "
+                                     "it cannot be combined with --heads-keep / --neurons-keep")
 
 
 def resolve_normalize(normalize: str | None, scores) -> tuple[Normalize, str]:
@@ -115,6 +106,17 @@ def resolve_normalize(normalize: str | None, scores) -> tuple[Normalize, str]:
     if mode not in NORMALIZE_MODES:
         raise PrunetuneError(f"unknown score normalisation {mode!r}; known: {', '.join(NORMALIZE_MODES)}")
     return mode, source
+
+
+def resolve_granularity(budget: Budget, scores) -> tuple[Granularity, str]:
+    """What the budget may remove and where that came from: the budget, the scores (whole-layer scores and no
+    head or neuron scores: whole layers, as ShortGPT), or the default."""
+    if budget.granularity is not None:
+        return budget.granularity, "budget"
+    cost_budget = budget.keep_params is not None or budget.keep_flops is not None
+    if cost_budget and scores.layers and not scores.heads and not scores.neurons:
+        return "layers", "scores: whole layers only"
+    return DEFAULT_GRANULARITY, "default"
 
 
 def _l2(values: list[float]) -> list[float]:
@@ -193,74 +195,6 @@ def _neuron_chains(model: nn.Module, scores, round_to: int, flops_seq: int | Non
     return chains
 
 
-def _segments(chain: list[Unit]) -> list[tuple[float, float, list[Unit]]]:
-    """The chain cut at the vertices of its upper concave envelope (kept score against cumulative cost).
-
-    Each segment's score per cost is below the previous one's, so a greedy over segments meets a chain's
-    units in their required order, and a first slice that only pays off with the slices after it (it
-    carries the KV rows) is judged together with them: a look-ahead over the chain.
-    """
-    segs: list[tuple[float, float, list[Unit]]] = []
-    for u in chain:
-        value, cost, units = u.score, u.cost, [u]
-        while segs and _ratio(segs[-1][0], segs[-1][1]) <= _ratio(value, cost):
-            v0, c0, u0 = segs.pop()
-            value, cost, units = v0 + value, c0 + cost, u0 + units
-        segs.append((value, cost, units))
-    return segs
-
-
-def knapsack(chains: list[list[Unit]], capacity: float) -> list[Unit]:
-    """Greedy by score per cost over envelope segments; what is left is filled with the leading units of chains
-    whose next segment did not fit (after the main pass, so they never displace a better unit)."""
-    # one item per envelope segment, in parallel lists (a tuple per item made the garbage collector sweep the
-    # whole heap: a decoder has ~10^5 neurons, and the hidden search runs this some 40 times)
-    ratio: list[float] = []
-    rank: list[float] = []
-    cost: list[float] = []
-    where: list[tuple[int, int]] = []  # (chain, position of the segment's first unit)
-    members: list[list[Unit]] = []
-    for ci, chain in enumerate(chains):
-        if len(chain) == 1:  # most chains (neurons, MHA heads): no envelope to compute
-            u = chain[0]
-            ratio.append(_ratio(u.score, u.cost))
-            rank.append(u.rank)
-            cost.append(u.cost)
-            where.append((ci, 0))
-            members.append(chain)
-            continue
-        start = 0
-        for value, seg_cost, units in _segments(chain):
-            ratio.append(_ratio(value, seg_cost))
-            rank.append(units[0].rank)
-            cost.append(seg_cost)
-            where.append((ci, start))
-            members.append(units)
-            start += len(units)
-    # best ratio first, then the better-ranked unit; a chain's segments have decreasing ratios, so they come in
-    # chain order (lexsort is stable)
-    order = np.lexsort((np.asarray(rank), -np.asarray(ratio))).tolist()
-    chosen: list[Unit] = []
-    spent = 0.0
-    blocked: dict[int, int] = {}  # chain -> position of its first unit not taken (insertion = ratio order)
-    for i in order:
-        ci, start = where[i]
-        if ci in blocked:
-            continue
-        if spent + cost[i] <= capacity + TOLERANCE:
-            chosen += members[i]
-            spent += cost[i]
-        elif len(chains[ci]) - start > 1:  # a lone unit that does not fit now never will: no need to recall it
-            blocked[ci] = start
-    for ci, start in blocked.items():
-        for u in chains[ci][start:]:
-            if spent + u.cost > capacity + TOLERANCE:
-                break
-            chosen.append(u)
-            spent += u.cost
-    return chosen
-
-
 def top_count(units: list[Unit], keep: float, total: int) -> list[Unit]:
     """The best units covering `keep` of `total` structures (a fraction, or a count when > 1)."""
     target = round(keep * total) if keep <= 1 else int(keep)
@@ -272,6 +206,155 @@ def top_count(units: list[Unit], keep: float, total: int) -> list[Unit]:
             chosen.append(u)
             count += len(u.ids)
     return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole blocks and layers (granularities "blocks", "layers", "mixed")
+# ---------------------------------------------------------------------------------------------------------
+
+
+def block_key(u: Unit) -> str:
+    """The block a unit belongs to, as Scores.layers names it: the attention site, or "<layer>/ffn"."""
+    return u.key if u.kind == "heads" else f"{u.key}/ffn"
+
+
+def _anchored(whole: float, parts: float) -> bool:
+    """Whether a structure's score differs from its parts' sum at all (then keeping it at all is worth something
+    of its own, and its parts can only be valued after the piece that opens it)."""
+    return abs(whole - parts) > BONUS_EPS * max(abs(whole), abs(parts))
+
+
+@dataclass
+class Block:
+    """An attention block or FFN block: its units as selection builds them, and what removing it whole loses.
+
+    The loss of removing the whole block is its block score B (Scores.layers), not the sum S of its units'
+    scores (the block's estimate has the terms between units): keeping any of it is worth `bonus` = B - S on
+    top of the units kept, so a kept set K scores bonus + sum(K) = B - (S - sum(K)), the loss avoided.
+    """
+
+    key: str
+    chains: list[list[Unit]]
+    score: float  # B: the loss of removing it whole
+    parts: float  # S: its units' scores summed
+    whole: bool  # kept or dropped as one (granularity "blocks")
+
+    @property
+    def bonus(self) -> float:
+        return self.score - self.parts
+
+    @property
+    def anchored(self) -> bool:
+        return _anchored(self.score, self.parts)
+
+
+@dataclass
+class Group:
+    """A layer's blocks, and the loss of removing the layer whole (its score; not the sum of its blocks')."""
+
+    key: str
+    blocks: list[Block]
+    score: float
+    whole: bool  # kept or dropped as one (granularity "layers")
+
+    @property
+    def bonus(self) -> float:
+        return self.score - sum(b.score for b in self.blocks)
+
+    @property
+    def anchored(self) -> bool:
+        return _anchored(self.score, sum(b.score for b in self.blocks))
+
+    def kept_value(self, kept: dict[str, float]) -> float:
+        """The loss avoided by keeping, of each block, units whose scores sum to kept[block key] (a block
+        missing from `kept` is removed), against removing the layer whole. Removing part of a structure is
+        taken to lose no more than removing all of it: the estimate is capped by the block's and the layer's
+        (second-order estimates need not be monotone; the loss is)."""
+        if not any(b.key in kept for b in self.blocks):
+            return 0.0
+        loss = sum(min(b.score, b.parts - kept[b.key]) if b.key in kept else b.score for b in self.blocks)
+        return max(0.0, self.score - loss)
+
+
+def build_groups(chains: list[list[Unit]], layers: dict[str, float], granularity: Granularity) -> list[Group]:
+    """The layers' groups, from the unit chains and the whole-structure scores (Scores.layers)."""
+    by_block: dict[str, list[list[Unit]]] = {}
+    for chain in chains:
+        by_block.setdefault(block_key(chain[0]), []).append(chain)
+    by_layer: dict[str, list[str]] = {}
+    for key in by_block:
+        by_layer.setdefault(key.split("/")[0], []).append(key)
+    needed = set(by_layer) if granularity == "layers" else set(by_block)
+    missing = sorted(needed - set(layers))
+    if missing:
+        what = "whole-layer" if granularity == "layers" else "attention-block and FFN-block"
+        raise PrunetuneError(
+            f"granularity {granularity!r} needs {what} scores (Scores.layers), which these scores lack for "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: score with fisher, taylor or head_grad"
+            + (" (or block_influence)" if granularity == "layers" else "")
+        )
+    groups = []
+    for lay, keys in by_layer.items():
+        blocks = []
+        for key in keys:
+            parts = sum(u.score for c in by_block[key] for u in c)
+            # "layers" values a layer by its own score alone: its blocks' scores, if any, change nothing
+            score = parts if granularity == "layers" else layers[key]
+            blocks.append(Block(key, by_block[key], score, parts, granularity == "blocks"))
+        # a layer without a score of its own: removing it is removing its blocks
+        score = layers.get(lay, sum(b.score for b in blocks))
+        groups.append(Group(lay, blocks, score, granularity == "layers"))
+    return groups
+
+
+def _block_pieces(block: Block) -> tuple[list[list[Unit]], list[float], list[tuple[int, ...]]]:
+    """A block's pieces in the order the greedy should meet them, their values and what each needs."""
+    if block.whole:
+        units = [u for c in block.chains for u in c]
+        return [units], [block.score], [()]
+    if len(block.chains) == 1 and len(block.chains[0]) > 1:  # a GQA site's per-group slices: kept in order
+        pieces = [[u] for u in block.chains[0]]
+        needs = [() if i == 0 else (i - 1,) for i in range(len(pieces))]
+    else:  # independent units, best value per cost first
+        units = sorted((u for c in block.chains for u in c), key=lambda u: (-ratio(u.score, u.cost), u.rank))
+        pieces = [[u] for u in units]
+        needs = [()] * len(pieces)
+    values = [p[0].score for p in pieces]
+    values[0] += block.bonus
+    if block.anchored:
+        needs = [n if i == 0 else tuple(sorted({*n, 0})) for i, n in enumerate(needs)]
+    return pieces, values, needs
+
+
+def layer_chain(group: Group) -> LayerChain:
+    """A layer as one chain, at the units' current costs: each block's pieces cut at their envelope, the
+    segments of all blocks merged by value per cost (a block's own stay in order), the layer's bonus carried
+    by the first piece. This is Horn's linearisation of the layer's tree (layer -> blocks -> units): the
+    greedy's prefixes of it are the best sets of the layer at each cost, as far as a linear order can say."""
+    if group.whole:
+        units = [u for b in group.blocks for c in b.chains for u in c]
+        return LayerChain([units], [group.score], [sum(u.cost for u in units)], [()])
+    runs = []  # (ratio, pieces, values, needs with block-local indices, offset of the run in its block)
+    for block in group.blocks:
+        pieces, values, needs = _block_pieces(block)
+        costs = [sum(u.cost for u in p) for p in pieces]
+        for a, b in envelope(values, costs, needs):
+            runs.append((ratio(sum(values[a:b]), sum(costs[a:b])), id(block), a, pieces[a:b], values[a:b],
+                         needs[a:b], costs[a:b]))
+    runs.sort(key=lambda r: -r[0])  # stable: a block's runs have decreasing ratios and keep their order
+    where: dict[tuple[int, int], int] = {}  # (block, local index) -> index in the layer's chain
+    chain = LayerChain([], [], [], [])
+    for _, block, a, pieces, values, needs, costs in runs:
+        for k in range(len(pieces)):
+            where[(block, a + k)] = len(chain.pieces)
+            chain.pieces.append(pieces[k])
+            chain.values.append(values[k])
+            chain.costs.append(costs[k])
+            chain.needs.append(tuple(where[(block, j)] for j in needs[k]))
+    chain.values[0] += group.bonus
+    if group.anchored:
+        chain.needs = [n if i == 0 else tuple(sorted({*n, 0})) for i, n in enumerate(chain.needs)]
+    return chain
 
 
 @dataclass
@@ -287,9 +370,11 @@ class Choice:
 class Pool:
     """The selectable units of a model, scored (normalised as asked) and costed, and selection from them."""
 
-    def __init__(self, model: nn.Module, scores, budget: Budget, mode: Normalize, flops_seq: int | None):
+    def __init__(self, model: nn.Module, scores, budget: Budget, mode: Normalize, flops_seq: int | None,
+                 granularity: Granularity = DEFAULT_GRANULARITY):
         self.budget = budget
         self.mode = mode
+        self.granularity = granularity
         per_layer = mode == "per_layer"
         self.head_chains = _head_chains(model, scores, budget.gqa, flops_seq, per_layer)
         self.neuron_chains = _neuron_chains(model, scores, budget.round_to, flops_seq, per_layer)
@@ -304,6 +389,20 @@ class Pool:
         if mode != "none":
             for kind in (self.head_units, self.neuron_units):
                 _per_kind(kind)
+        # whole blocks and layers: per layer, its units with what keeping each block and the layer is worth
+        self.groups: list[Group] = []
+        if granularity != "units":
+            self.groups = build_groups(self.head_chains + self.neuron_chains, scores.layers, granularity)
+
+    def kept_value(self, units: list[Unit]) -> float:
+        """The score a selection keeps: its units' scores; with whole blocks and layers, the loss it avoids
+        against removing every layer (see Group.kept_value)."""
+        if not self.groups:
+            return sum(u.score for u in units)
+        kept: dict[str, float] = {}
+        for u in units:
+            kept[block_key(u)] = kept.get(block_key(u), 0.0) + u.score
+        return sum(g.kept_value(kept) for g in self.groups)
 
     def at_scale(self, s: float) -> None:
         for units in (self.head_units, self.neuron_units):
@@ -379,7 +478,12 @@ class Pool:
     def _fill(self, h: int, capacity: float, required: list[Unit], free: list[list[Unit]]) -> Choice:
         scale = h / self.hidden_now
         self.at_scale(scale)
-        chosen = knapsack(free, capacity)
+        if self.groups:  # the layers' chains depend on the costs, so on the scale
+            chains = [layer_chain(g) for g in self.groups]
+            chosen = knapsack(chains, capacity)
+            free = [c.units() for c in chains]
+        else:
+            chosen = knapsack(free, capacity)
         hidden = self._best_hidden(h) if (self.budget.prune_hidden or self.budget.hidden_keep is not None) else None
         return Choice(required + chosen, hidden, scale, free)
 
@@ -403,7 +507,7 @@ class Pool:
                     memo[h] = (-math.inf, None)
                 else:
                     choice = self._fill(h, target - floor(h), required, free)
-                    memo[h] = (prefix[h] + sum(u.score for u in choice.units), choice)
+                    memo[h] = (prefix[h] + self.kept_value(choice.units), choice)
             return memo[h][0]
 
         def better(h: int) -> tuple[float, int]:  # equal scores: the wider model (fewer odd shapes)
@@ -421,5 +525,6 @@ class Pool:
         return choice
 
 
-__all__ = ["DEFAULT_NORMALIZE", "NORMALIZE_MODES", "Budget", "Choice", "Normalize", "Pool", "Unit", "knapsack",
-           "resolve_normalize", "top_count"]
+__all__ = ["DEFAULT_GRANULARITY", "DEFAULT_NORMALIZE", "GRANULARITIES", "NORMALIZE_MODES", "Block", "Budget", "Choice",
+           "Granularity", "Group", "Normalize", "Pool", "Unit", "build_groups", "knapsack", "layer_chain",
+           "resolve_granularity", "resolve_normalize", "top_count"]
