@@ -140,6 +140,10 @@ def knapsack(chains: Sequence[list[Unit] | LayerChain], capacity: float) -> list
     # best ratio first, then the better-ranked unit; a segment comes after those it needs (higher ratio, or equal
     # ratio and no better rank, see _layer_items; lexsort is stable)
     order = np.lexsort((np.asarray(rank), -np.asarray(ratios))).tolist()
+    needed = [False] * len(members)  # whether a later item needs it
+    for wanted in needs:
+        for j in wanted:
+            needed[j] = True
     chosen: list[Unit] = []
     taken = [False] * len(members)
     spent = 0.0
@@ -151,11 +155,9 @@ def knapsack(chains: Sequence[list[Unit] | LayerChain], capacity: float) -> list
             chosen += members[i]
             spent += cost[i]
             taken[i] = True
-        else:
-            ci = chain_of[i]
-            # a lone unit that does not fit now never will; a chain may still have cheaper pieces
-            if isinstance(chains[ci], LayerChain) or len(chains[ci]) - start[i] > 1:
-                blocked.setdefault(ci, start[i])
+        elif needed[i] or len(members[i]) > 1:
+            # a lone unit that does not fit now never will; a segment's leading units, or what needs it, may
+            blocked.setdefault(chain_of[i], start[i])
     for ci, at in blocked.items():
         chain = chains[ci]
         if isinstance(chain, LayerChain):
