@@ -18,7 +18,7 @@ from prunetune.importance import Scores, compute
 from prunetune.knapsack import LayerChain, Unit, knapsack
 from prunetune.masks import attach
 from prunetune.plan import Budget, PruningPlan, layer_cost, layer_param_count, planned_cost, select
-from prunetune.selection import Pool
+from prunetune.selection import Pool, layer_chain
 from prunetune.surgery import apply_plan
 
 GQA_CASES = [(f, "per_group") for f in FAMILIES] + [("llama", "whole_group")]
@@ -331,3 +331,29 @@ def test_layer_chain_needs_its_opening_piece():
     assert knapsack([block(), [other]], 8.0) == [other, a0]
     # a unit never comes without the piece it needs, even when it alone would fit
     assert knapsack([LayerChain([[a0], [a1]], [-5.0, 3.0], [8.0, 4.0], [(), (0,)])], 5.0) == []
+
+
+@pytest.mark.parametrize(("family", "gqa"), [("t5", "per_group"), ("llama", "per_group"), ("llama", "whole_group")])
+def test_layer_chain_is_cut_at_its_envelope(family, gqa):
+    """layer_chain cuts its segments itself (numpy, only first segments can merge): the same cut as the envelope
+    of its pieces, block bonuses of both signs and layers of both signs included; a segment's ratio is strictly
+    above that of every segment needing it (the greedy meets it first)."""
+    model = tiny(family)
+    scores = with_blocks(model, random_scores(model, 5))
+    g = torch.Generator().manual_seed(0)
+    scores.layers = {k: v * float(torch.empty(1).uniform_(0.2, 3.0, generator=g)) for k, v in scores.layers.items()}
+    pool = Pool(model, scores, Budget(keep_params=0.5, gqa=gqa, granularity="mixed"), "none", None, "mixed")
+    assert any(b.bonus < 0 and b.anchored for grp in pool.groups for b in grp.blocks)
+    assert any(b.bonus > 0 and b.anchored for grp in pool.groups for b in grp.blocks)
+    for scale in (1.0, 0.4):
+        pool.at_scale(scale)
+        for group in pool.groups:
+            fast = layer_chain(group, scale)
+            assert fast.costs == pytest.approx([sum(u.cost for u in p) for p in fast.pieces], rel=1e-12)
+            cut = LayerChain(fast.pieces, fast.values, fast.costs, fast.needs)
+            assert (fast.bounds, fast.seg_needs) == (cut.bounds, cut.seg_needs)
+            assert fast.seg_value == pytest.approx(cut.seg_value, rel=1e-9)
+            assert fast.seg_cost == pytest.approx(cut.seg_cost, rel=1e-9)
+            r = [v / c for v, c in zip(fast.seg_value, fast.seg_cost, strict=True)]
+            assert all(r[j] > r[s] for s, wanted in enumerate(fast.seg_needs) for j in wanted)
+            assert all(j < k for k, wanted in enumerate(fast.needs) for j in wanted)

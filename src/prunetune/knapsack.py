@@ -55,12 +55,34 @@ class LayerChain:
 
     pieces[i] is kept or dropped as one; values[i] is what keeping it adds to the kept score (its units' scores,
     plus the bonus of the block or layer it opens); needs[i] lists the earlier pieces it cannot be kept without.
+    The envelope segments (parallel lists: segment s spans pieces bounds[s] to bounds[s + 1]) are cut from
+    these when not given (selection.layer_chain cuts them itself, faster).
     """
 
     pieces: list[list[Unit]]
     values: list[float]
     costs: list[float]
     needs: list[tuple[int, ...]]
+    bounds: list[int] = field(default_factory=list)
+    seg_value: list[float] = field(default_factory=list)
+    seg_cost: list[float] = field(default_factory=list)
+    seg_needs: list[tuple[int, ...]] = field(default_factory=list)  # the earlier segments each needs
+
+    def __post_init__(self) -> None:
+        if not self.bounds:
+            self.cut()
+
+    def cut(self) -> None:
+        """The envelope segments, from the pieces."""
+        cuts = envelope(self.values, self.costs, self.needs)
+        seg_of = [0] * len(self.pieces)
+        for s, (a, b) in enumerate(cuts):
+            seg_of[a:b] = [s] * (b - a)
+        self.bounds = [a for a, _ in cuts] + [len(self.pieces)]
+        self.seg_value = [sum(self.values[a:b]) for a, b in cuts]
+        self.seg_cost = [sum(self.costs[a:b]) for a, b in cuts]
+        self.seg_needs = [tuple(sorted({seg_of[j] for k in range(a, b) for j in self.needs[k]} - {s}))
+                          for s, (a, b) in enumerate(cuts)]
 
     def units(self) -> list[Unit]:
         return [u for p in self.pieces for u in p]
@@ -110,11 +132,13 @@ def knapsack(chains: Sequence[list[Unit] | LayerChain], capacity: float) -> list
     rank: list[float] = []
     cost: list[float] = []
     chain_of: list[int] = []
-    start: list[int] = []  # position of the item's first unit (plain chains) or piece (LayerChain) in its chain
+    start: list[int] = []  # position of the item's first unit (plain chains) or its segment (LayerChain)
     members: list[list[Unit]] = []
     needs: list[tuple[int, ...]] = []
+    first_item: dict[int, int] = {}  # LayerChain -> its first item
     for ci, chain in enumerate(chains):
         if isinstance(chain, LayerChain):
+            first_item[ci] = len(members)
             _layer_items(chain, ci, ratios, rank, cost, chain_of, start, members, needs)
             continue
         if len(chain) == 1:  # most chains (neurons, MHA heads): no envelope to compute
@@ -161,7 +185,12 @@ def knapsack(chains: Sequence[list[Unit] | LayerChain], capacity: float) -> list
     for ci, at in blocked.items():
         chain = chains[ci]
         if isinstance(chain, LayerChain):
-            added, spent = _fill_layer(chain, _taken_pieces(chain, chosen), capacity, spent)
+            have = [False] * len(chain.pieces)
+            first = first_item[ci]
+            for s in range(len(chain.seg_value)):
+                if taken[first + s]:
+                    have[chain.bounds[s]:chain.bounds[s + 1]] = [True] * (chain.bounds[s + 1] - chain.bounds[s])
+            added, spent = _fill_layer(chain, have, capacity, spent)
             chosen += added
             continue
         for u in chain[at:]:
@@ -172,31 +201,26 @@ def knapsack(chains: Sequence[list[Unit] | LayerChain], capacity: float) -> list
     return chosen
 
 
-def _taken_pieces(chain: LayerChain, chosen: list[Unit]) -> list[bool]:
-    """Which of a LayerChain's pieces `chosen` holds."""
-    ids = {id(u) for u in chosen}
-    return [id(p[0]) in ids for p in chain.pieces]
-
-
 def _layer_items(chain: LayerChain, ci: int, ratios, rank, cost, chain_of, start, members, needs) -> None:
     """Append a LayerChain's envelope segments as knapsack items (the parallel lists of knapsack)."""
     base = len(members)
-    cuts = envelope(chain.values, chain.costs, chain.needs)
-    seg_of = [0] * len(chain.pieces)
-    for s, (a, b) in enumerate(cuts):
-        for k in range(a, b):
-            seg_of[k] = s
-    for s, (a, b) in enumerate(cuts):
-        units = [u for p in chain.pieces[a:b] for u in p]
-        wanted = sorted({seg_of[j] for k in range(a, b) for j in chain.needs[k]} - {s})
-        ratios.append(ratio(sum(chain.values[a:b]), sum(chain.costs[a:b])))
-        # on equal ratio the rank decides the order: never before a segment it needs
-        rank.append(max([units[0].rank] + [rank[base + j] for j in wanted]))
-        cost.append(sum(chain.costs[a:b]))
-        chain_of.append(ci)
-        start.append(a)
-        members.append(units)
-        needs.append(tuple(base + j for j in wanted))
+    bounds, pieces, seg_needs = chain.bounds, chain.pieces, chain.seg_needs
+    n = len(chain.seg_value)
+    value, seg_cost = np.asarray(chain.seg_value), np.asarray(chain.seg_cost)
+    ratios += np.where(seg_cost > 0, value / np.where(seg_cost > 0, seg_cost, 1.0), np.inf).tolist()
+    cost += chain.seg_cost
+    chain_of += [ci] * n
+    start += range(n)
+    members += [pieces[a] if b == a + 1 else [u for p in pieces[a:b] for u in p]
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    # on equal ratio the rank decides the order: never before a segment it needs (needs come earlier)
+    first = [pieces[a][0].rank for a in bounds[:-1]]
+    for s, wanted in enumerate(seg_needs):
+        for j in wanted:
+            if first[j] > first[s]:
+                first[s] = first[j]
+    rank += first
+    needs += [tuple(base + j for j in w) if w else () for w in seg_needs]
 
 
 def _fill_layer(chain: LayerChain, have: list[bool], capacity: float, spent: float) -> tuple[list[Unit], float]:

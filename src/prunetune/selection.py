@@ -23,12 +23,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from torch import nn
 
 from prunetune.costs import head_costs, neuron_cost
 from prunetune.errors import PrunetuneError
 from prunetune.families import hidden_size, layer_sites
-from prunetune.knapsack import TOLERANCE, LayerChain, Unit, envelope, knapsack, ratio
+from prunetune.knapsack import TOLERANCE, LayerChain, Unit, envelope, knapsack
 
 Normalize = Literal["none", "per_kind", "per_layer"]
 NORMALIZE_MODES: tuple[str, ...] = ("none", "per_kind", "per_layer")
@@ -234,10 +235,19 @@ class Block:
     """
 
     key: str
-    chains: list[list[Unit]]
+    units: list[Unit]  # a GQA site's per-group slices in chain order (`chained`), else in any order
+    chained: bool  # each unit needs the one before it (GQA per-group slices, the first carrying the KV rows)
     score: float  # B: the loss of removing it whole
     parts: float  # S: its units' scores summed
     whole: bool  # kept or dropped as one (granularity "blocks")
+
+    def __post_init__(self) -> None:
+        # what layer_chain reads at every hidden size the search tries, as arrays once
+        self.singles = [[u] for u in self.units]
+        self.scores = np.array([u.score for u in self.units])
+        self.ranks = np.array([u.rank for u in self.units])
+        self.cost_const = np.array([u.cost_const for u in self.units])
+        self.cost_hidden = np.array([u.cost_hidden for u in self.units])
 
     @property
     def bonus(self) -> float:
@@ -297,64 +307,128 @@ def build_groups(chains: list[list[Unit]], layers: dict[str, float], granularity
     for lay, keys in by_layer.items():
         blocks = []
         for key in keys:
-            parts = sum(u.score for c in by_block[key] for u in c)
+            units = [u for c in by_block[key] for u in c]
+            parts = sum(u.score for u in units)
             # "layers" values a layer by its own score alone: its blocks' scores, if any, change nothing
             score = parts if granularity == "layers" else layers[key]
-            blocks.append(Block(key, by_block[key], score, parts, granularity == "blocks"))
+            chained = len(by_block[key]) == 1 and len(units) > 1
+            blocks.append(Block(key, units, chained, score, parts, granularity == "blocks"))
         # a layer without a score of its own: removing it is removing its blocks
         score = layers.get(lay, sum(b.score for b in blocks))
         groups.append(Group(lay, blocks, score, granularity == "layers"))
     return groups
 
 
-def _block_pieces(block: Block) -> tuple[list[list[Unit]], list[float], list[tuple[int, ...]]]:
-    """A block's pieces in the order the greedy should meet them, their values and what each needs."""
+def _last_argmax_prefix(values: np.ndarray, costs: np.ndarray) -> int:
+    """The longest prefix with the highest value per cost: where the envelope's first segment ends (when every
+    later piece needs the first and the later ones come best first)."""
+    r = np.cumsum(values) / np.cumsum(costs)
+    return len(r) - 1 - int(np.argmax(r[::-1]))
+
+
+@dataclass
+class _Runs:
+    """A block's pieces in the order the greedy should meet them, and its envelope segments ("runs")."""
+
+    pieces: list[list[Unit]]
+    values: np.ndarray
+    costs: np.ndarray
+    starts: list[int]  # where each run starts
+    chained: bool  # GQA slices: each piece needs the one before it
+
+
+def _block_runs(block: Block, scale: float) -> _Runs:
+    costs = block.cost_const + block.cost_hidden * scale  # as Unit.at_scale, elementwise
     if block.whole:
-        units = [u for c in block.chains for u in c]
-        return [units], [block.score], [()]
-    if len(block.chains) == 1 and len(block.chains[0]) > 1:  # a GQA site's per-group slices: kept in order
-        pieces = [[u] for u in block.chains[0]]
-        needs = [() if i == 0 else (i - 1,) for i in range(len(pieces))]
-    else:  # independent units, best value per cost first
-        units = sorted((u for c in block.chains for u in c), key=lambda u: (-ratio(u.score, u.cost), u.rank))
-        pieces = [[u] for u in units]
-        needs = [()] * len(pieces)
-    values = [p[0].score for p in pieces]
-    values[0] += block.bonus
+        return _Runs([block.units], np.array([block.score]), np.array([costs.sum()]), [0], False)
+    pieces, scores = block.singles, block.scores
+    n = len(pieces)
+    if not block.chained:  # independent units, best value per cost first (the better rank on ties)
+        order = np.lexsort((block.ranks, -(scores / costs)))
+        pieces, scores, costs = [pieces[i] for i in order], scores[order], costs[order]
+    values = scores.copy()
     if block.anchored:
-        needs = [n if i == 0 else tuple(sorted({*n, 0})) for i, n in enumerate(needs)]
-    return pieces, values, needs
+        values[0] += block.bonus
+    if block.chained:
+        starts = [a for a, _ in envelope(values.tolist(), costs.tolist(), [(i - 1,) if i else () for i in range(n)])]
+    elif block.anchored and block.bonus < 0:  # the opening unit is worth less: judged with the best that follow
+        starts = [0, *range(_last_argmax_prefix(values, costs) + 1, n)]
+    else:
+        starts = list(range(n))
+    return _Runs(pieces, values, costs, starts, block.chained)
 
 
-def layer_chain(group: Group) -> LayerChain:
-    """A layer as one chain, at the units' current costs: each block's pieces cut at their envelope, the
-    segments of all blocks merged by value per cost (a block's own stay in order), the layer's bonus carried
-    by the first piece. This is Horn's linearisation of the layer's tree (layer -> blocks -> units): the
-    greedy's prefixes of it are the best sets of the layer at each cost, as far as a linear order can say."""
+def layer_chain(group: Group, scale: float) -> LayerChain:
+    """A layer as one chain at the costs of hidden scale `scale`: each block's pieces cut at their envelope, the
+    segments of all blocks merged by value per cost (a block's own keep their order), the layer's bonus carried by
+    the first piece. This is Horn's linearisation of the layer's tree (layer -> blocks -> units) for the greedy.
+
+    The segments are cut here rather than by LayerChain.cut (same result): a block's units after its first
+    segment come best first, so only the first segments can merge (numpy over ~10^3 pieces a layer, for each
+    hidden size the search tries).
+    """
     if group.whole:
-        units = [u for b in group.blocks for c in b.chains for u in c]
-        return LayerChain([units], [group.score], [sum(u.cost for u in units)], [()])
-    runs = []  # (ratio, pieces, values, needs with block-local indices, offset of the run in its block)
-    for block in group.blocks:
-        pieces, values, needs = _block_pieces(block)
-        costs = [sum(u.cost for u in p) for p in pieces]
-        for a, b in envelope(values, costs, needs):
-            runs.append((ratio(sum(values[a:b]), sum(costs[a:b])), id(block), a, pieces[a:b], values[a:b],
-                         needs[a:b], costs[a:b]))
-    runs.sort(key=lambda r: -r[0])  # stable: a block's runs have decreasing ratios and keep their order
-    where: dict[tuple[int, int], int] = {}  # (block, local index) -> index in the layer's chain
-    chain = LayerChain([], [], [], [])
-    for _, block, a, pieces, values, needs, costs in runs:
-        for k in range(len(pieces)):
-            where[(block, a + k)] = len(chain.pieces)
-            chain.pieces.append(pieces[k])
-            chain.values.append(values[k])
-            chain.costs.append(costs[k])
-            chain.needs.append(tuple(where[(block, j)] for j in needs[k]))
-    chain.values[0] += group.bonus
-    if group.anchored:
-        chain.needs = [n if i == 0 else tuple(sorted({*n, 0})) for i, n in enumerate(chain.needs)]
-    return chain
+        units = [u for b in group.blocks for u in b.units]
+        cost = sum(float((b.cost_const + b.cost_hidden * scale).sum()) for b in group.blocks)
+        return LayerChain([units], [group.score], [cost], [()])
+    blocks = [_block_runs(b, scale) for b in group.blocks]
+    sizes = np.array([len(r.pieces) for r in blocks])
+    offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each block's first piece, blocks in order
+    n_runs = np.array([len(r.starts) for r in blocks])
+    run_offset = np.concatenate([[0], np.cumsum(n_runs)[:-1]])
+    values = np.concatenate([r.values for r in blocks])
+    costs = np.concatenate([r.costs for r in blocks])
+    run_lo = np.concatenate([np.asarray(r.starts) + o for r, o in zip(blocks, offset, strict=True)])
+    run_hi = np.concatenate([np.asarray([*r.starts[1:], len(r.pieces)]) + o for r, o in zip(blocks, offset,
+                                                                                               strict=True)])
+    run_value = np.add.reduceat(values, run_lo)
+    run_cost = np.add.reduceat(costs, run_lo)
+    order = np.argsort(-(run_value / run_cost), kind="stable")  # a block's runs keep their order
+    bonus = group.bonus if group.anchored else 0.0
+    run_value[order[0]] += bonus
+    merged = _last_argmax_prefix(run_value[order], run_cost[order]) if bonus < 0 else 0  # runs in segment 0
+    # pieces in the chain's order
+    lengths = run_hi[order] - run_lo[order]
+    perm = np.repeat(run_lo[order] - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+    where = np.empty_like(perm)
+    where[perm] = np.arange(len(perm))  # piece (blocks in order) -> its place in the chain
+    flat = [p for r in blocks for p in r.pieces]
+    chain_values = values[perm]
+    chain_values[0] += bonus
+    needs: list[tuple[int, ...]] = [()] * len(perm)
+    # segments: the first `merged + 1` sorted runs make segment 0, every other run is a segment of its own
+    seg_of_run = np.empty(len(order), dtype=np.int64)
+    seg_of_run[order] = np.maximum(np.arange(len(order)) - merged, 0)
+    seg_needs: list[tuple[int, ...]] = [()] * (len(order) - merged)
+    layer_need = (0,) if group.anchored else ()
+    for b, (block, runs) in enumerate(zip(group.blocks, blocks, strict=True)):
+        first = int(where[offset[b]])
+        first_seg = int(seg_of_run[run_offset[b]])
+        anchor = (first,) if block.anchored else ()
+        anchor_seg = (first_seg,) if block.anchored else ()
+        if first:
+            needs[first] = layer_need
+        if first_seg:
+            seg_needs[first_seg] = layer_need
+        shared = tuple(sorted({*layer_need, *anchor}))
+        shared_seg = tuple(sorted({*layer_need, *anchor_seg}))
+        for i in range(1, sizes[b]):
+            at = int(where[offset[b] + i])
+            needs[at] = tuple(sorted({*shared, int(where[offset[b] + i - 1])})) if runs.chained else shared
+        for j in range(1, n_runs[b]):
+            seg = int(seg_of_run[run_offset[b] + j])
+            if seg:
+                wanted = {*shared_seg, int(seg_of_run[run_offset[b] + j - 1])} if runs.chained else set(shared_seg)
+                seg_needs[seg] = tuple(sorted(wanted - {seg}))
+    sorted_value, sorted_cost = run_value[order], run_cost[order]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return LayerChain(
+        [flat[i] for i in perm], chain_values.tolist(), costs[perm].tolist(), needs,
+        bounds=[0, *bounds[merged + 1:].tolist()],
+        seg_value=[float(sorted_value[: merged + 1].sum()), *sorted_value[merged + 1:].tolist()],
+        seg_cost=[float(sorted_cost[: merged + 1].sum()), *sorted_cost[merged + 1:].tolist()],
+        seg_needs=seg_needs,
+    )
 
 
 @dataclass
@@ -393,6 +467,7 @@ class Pool:
         self.groups: list[Group] = []
         if granularity != "units":
             self.groups = build_groups(self.head_chains + self.neuron_chains, scores.layers, granularity)
+        self.block_of = {id(u): b.key for g in self.groups for b in g.blocks for u in b.units}
 
     def kept_value(self, units: list[Unit]) -> float:
         """The score a selection keeps: its units' scores; with whole blocks and layers, the loss it avoids
@@ -400,8 +475,10 @@ class Pool:
         if not self.groups:
             return sum(u.score for u in units)
         kept: dict[str, float] = {}
+        block_of = self.block_of
         for u in units:
-            kept[block_key(u)] = kept.get(block_key(u), 0.0) + u.score
+            key = block_of[id(u)]
+            kept[key] = kept.get(key, 0.0) + u.score
         return sum(g.kept_value(kept) for g in self.groups)
 
     def at_scale(self, s: float) -> None:
@@ -479,7 +556,7 @@ class Pool:
         scale = h / self.hidden_now
         self.at_scale(scale)
         if self.groups:  # the layers' chains depend on the costs, so on the scale
-            chains = [layer_chain(g) for g in self.groups]
+            chains = [layer_chain(g, scale) for g in self.groups]
             chosen = knapsack(chains, capacity)
             free = [c.units() for c in chains]
         else:
