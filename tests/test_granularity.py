@@ -16,9 +16,10 @@ from prunetune.errors import PrunetuneError, PruningWarning
 from prunetune.families import layer_sites
 from prunetune.importance import Scores, compute
 from prunetune.knapsack import LayerChain, Unit, knapsack
+from prunetune.layer_units import layer_chain
 from prunetune.masks import attach
 from prunetune.plan import Budget, PruningPlan, layer_cost, layer_param_count, planned_cost, select
-from prunetune.selection import Pool, layer_chain
+from prunetune.selection import Pool
 from prunetune.surgery import apply_plan
 
 GQA_CASES = [(f, "per_group") for f in FAMILIES] + [("llama", "whole_group")]
