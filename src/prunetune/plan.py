@@ -200,9 +200,13 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
     parameter or FLOPs budget picks heads and neurons (and hidden dims, with `prune_hidden`) together by
     score per cost, so the split between attention, FFN and width comes from the task, not from a fixed
     ratio. `normalize` ("none", "per_kind", "per_layer"; default: "none" when the scorer's kinds are
-    comparable, `Scores.meta["comparable"]`, else "per_kind") makes kinds comparable; see selection.py. The plan's meta
-    records the normalisation, the target and the measured cost, and `warnings` (also raised as
-    PruningWarning) names every layer that loses all its heads or neurons.
+    comparable, `Scores.meta["comparable"]`, else "per_kind") makes kinds comparable; see selection.py.
+    `budget.granularity` lets a cost budget remove whole attention blocks, FFN blocks and layers by their own
+    scores (`Scores.layers`): "units" (default), "blocks", "layers" (the default for scores of whole layers
+    only, such as block_influence) or "mixed"; see layer_units.py. The plan's meta records the normalisation,
+    the granularity, the target and the measured cost, `dropped` (the layers removed whole and the blocks
+    removed from the others) and, under "units", `warnings` (also raised as PruningWarning) naming every layer
+    that loses all its heads or neurons.
     """
     budget.check()
     mode, source = resolve_normalize(normalize, scores)
