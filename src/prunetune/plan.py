@@ -237,7 +237,7 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
             "estimated_cost": fixed[0] + fixed[1] * hidden_kept + sum(u.cost for u in choice.units),
         })
         plan = _hold(model, fam.name, choice, meta, target, flops_seq)
-        plan.meta["dropped"] = dropped(model, plan)
+    plan.meta["dropped"] = dropped(model, plan)
     emptied = _emptied(model, plan)
     # emptying blocks is what the coarser granularities are for (meta["dropped"] counts them); under "units" it
     # is worth a word
