@@ -197,6 +197,33 @@ def test_budgeted_methods_meet_keep_params(runs, method):
         assert report["distill"] is True and report["teacher_mem_mb"] > 0
 
 
+def apply_kwon_scales(model, scales: dict[str, list[float]]) -> None:
+    """Scale the kept columns of the output projections of a pruned base as kwon_rescale did (keys: attention
+    sites, "ffn:<layer>"; one scale per kept head or neuron, in order)."""
+    from prunetune.families import layer_sites
+
+    with torch.no_grad():
+        for lay in layer_sites(model):
+            for site in lay.attentions.values():
+                if site.key in scales:
+                    s = torch.tensor(scales[site.key]).repeat_interleave(site.head_dim)
+                    site.proj("o").weight.mul_(s[None, :])
+            if f"ffn:{lay.key}" in scales:
+                lay.ffn.output.weight.mul_(torch.tensor(scales[f"ffn:{lay.key}"])[None, :])
+
+
+def test_lora_prune_is_kwon_post_training_pruning(runs):
+    """lora-prune prunes the tuned model as Kwon et al.: Fisher mask, rearranged (never a higher block Fisher),
+    then rescaled; the report says what each step did."""
+    _, report, _ = runs["lora-prune"]
+    kwon = report["post_training_pruning"]
+    assert kwon["scorer"] == "fisher" and kwon["prune_time_s"] > 0
+    assert kwon["rearrangement"]["block_fisher_after"] <= kwon["rearrangement"]["block_fisher_before"] * (1 + 1e-12)
+    assert set(kwon["rescale"]) == {"rescaled", "stopped_at"}
+    assert report["plan"]["meta"]["kwon_rescale"] == kwon["rescale"]
+    assert kwon["scales"] and set(kwon["scales"]) == set(kwon["rescale"]["rescaled"])
+
+
 @pytest.mark.parametrize("method", LORA_METHODS)
 def test_adapter_reloads_onto_its_pruned_base(ws, runs, method):
     """DIR/adapter on the base it was trained on (the dense base cut to the run's layout) reproduces the export."""
@@ -206,6 +233,10 @@ def test_adapter_reloads_onto_its_pruned_base(ws, runs, method):
     assert (layout is not None) == (method != "lora")
     if layout is not None:
         restore_layout(base, PruningPlan.from_dict(layout))
+    if method == "lora-prune":  # Kwon's rescaling changed base weights: the cut base alone is not its base
+        with pytest.raises(PrunetuneError, match="other weights"):
+            adapters.load_adapter(base, out / "adapter")
+        apply_kwon_scales(base, runs[method][1]["post_training_pruning"]["scales"])
     loaded = adapters.load_adapter(base, out / "adapter").eval()
     export = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     tok = transformers.AutoTokenizer.from_pretrained(out / "model")

@@ -4,13 +4,14 @@ rescaling. Each keeps masked = pruned, and brings the pruned model closer to the
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from conftest import tiny_inputs
 from engine_helpers import LLAMA_WHOLE_GROUPS, labelled_batches, make_plan, masks_for, max_diff, tiny
 
-from prunetune.errors import PrunetuneError
+from prunetune.errors import PrunetuneError, PruningWarning
 from prunetune.export import load_compact, save_compact
 from prunetune.families import layer_sites
 from prunetune.importance import channel_stats, compensate, kwon_rearrange, kwon_rescale, mask_gradients
@@ -147,5 +148,44 @@ def test_kwon_rescale_brings_layer_outputs_closer(family):
     rescaled = hidden_states(model, batches)
     assert mse(rescaled, dense) < mse(hidden_states(plain, batches), dense)
     with attach(masked, masks_for(masked, plan)):  # the scales live in kept columns: masked = pruned
+        assert max_diff(torch.cat([x.flatten() for x in hidden_states(masked, batches)]),
+                        torch.cat([x.flatten() for x in rescaled])) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_kwon_rescale_of_a_lora_model(family):
+    """lora-prune's pruning step on a LoRA-tuned model (adapters on every projection, trained: B != 0): the
+    scales fold into the output projections' columns and their LoRA A, so the rescaled pruned model's layer
+    outputs are closer to the unpruned tuned model's than the plain pruned model's, and masked = pruned still."""
+    from prunetune import adapters
+    from prunetune.importance import compute
+    from prunetune.plan import Budget, select
+
+    batches = labelled_batches(family, 4)
+    if family == "llama":  # the sequence-classification head's labels
+        batches = [{**b, "labels": torch.tensor([0, 1, 1])} for b in batches]
+    # (PEFT hands the model back in training mode: dropout would make every comparison noise)
+    tuned = adapters.apply_lora(tiny(family, "classify"), rank=4, targets="all").eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained adapter: B away from its zero start
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    dense = hidden_states(tuned, batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        plan = select(tuned, compute(tuned, batches, "fisher"), Budget(keep_params=0.6))
+    plan = kwon_rearrange(tuned, plan, batches)
+    plain = copy.deepcopy(tuned)
+    apply_plan(plain, plan)
+    lora_a = {n: p.detach().clone() for n, p in tuned.named_parameters() if "lora_A" in n}
+    scales = kwon_rescale(tuned, plan, batches)
+    assert scales
+    assert any(not torch.equal(p, lora_a[n]) for n, p in tuned.named_parameters() if "lora_A" in n)
+    masked = copy.deepcopy(tuned)
+    apply_plan(tuned, plan)
+    rescaled = hidden_states(tuned, batches)
+    assert mse(rescaled, dense) < mse(hidden_states(plain, batches), dense)
+    with attach(masked, masks_for(masked, plan)):
         assert max_diff(torch.cat([x.flatten() for x in hidden_states(masked, batches)]),
                         torch.cat([x.flatten() for x in rescaled])) < 1e-4

@@ -19,7 +19,7 @@ from torch import nn
 from prunetune.costs import layer_cost, layer_param_count
 from prunetune.errors import PrunetuneError, PruningWarning
 from prunetune.families import family_of, hidden_size, in_width, layer_sites, unwrap
-from prunetune.selection import Budget, Choice, Normalize, Pool, Unit, resolve_normalize
+from prunetune.selection import Budget, Choice, Normalize, Pool, Unit, resolve_granularity, resolve_normalize
 
 
 @dataclass
@@ -200,17 +200,30 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
     parameter or FLOPs budget picks heads and neurons (and hidden dims, with `prune_hidden`) together by
     score per cost, so the split between attention, FFN and width comes from the task, not from a fixed
     ratio. `normalize` ("none", "per_kind", "per_layer"; default: "none" when the scorer's kinds are
-    comparable, `Scores.meta["comparable"]`, else "per_kind") makes kinds comparable; see selection.py. The plan's meta
-    records the normalisation, the target and the measured cost, and `warnings` (also raised as
-    PruningWarning) names every layer that loses all its heads or neurons.
+    comparable, `Scores.meta["comparable"]`, else "per_kind") makes kinds comparable; see selection.py.
+    `budget.granularity` lets a cost budget remove whole attention blocks, FFN blocks and layers by their own
+    scores (`Scores.layers`): "units" (default), "blocks", "layers" (the default for scores of whole layers
+    only, such as block_influence) or "mixed"; see layer_units.py. The plan's meta records the normalisation,
+    the granularity, the target and the measured cost, `dropped` (the layers removed whole and the blocks
+    removed from the others) and, under "units", `warnings` (also raised as PruningWarning) naming every layer
+    that loses all its heads or neurons.
     """
     budget.check()
     mode, source = resolve_normalize(normalize, scores)
+    granularity, granularity_from = resolve_granularity(budget, scores)
+    if granularity in ("blocks", "mixed") and mode != "none":
+        # a block's bonus (block score - its units' scores) and a layer's are differences of loss estimates
+        raise PrunetuneError(
+            f"granularity {granularity!r} weighs whole blocks against their heads and neurons, which needs scores "
+            f"in one unit, compared as they are; these are normalised {mode!r} ({source}): use scores whose kinds "
+            "are comparable (fisher, taylor), or pass normalize='none' to compare them anyway"
+        )
     fam = family_of(unwrap(model))
     fraction = budget.keep_params if budget.keep_params is not None else budget.keep_flops
     flops_seq = budget.seq_len if budget.keep_flops is not None else None
-    pool = Pool(model, scores, budget, mode, flops_seq)
-    meta: dict = {"budget": asdict(budget), "normalize": mode, "normalize_from": source}
+    pool = Pool(model, scores, budget, mode, flops_seq, granularity)
+    meta: dict = {"budget": asdict(budget), "normalize": mode, "normalize_from": source,
+                  "granularity": granularity, "granularity_from": granularity_from}
     if fraction is None:
         plan = _build(model, fam.name, pool.by_counts(), meta)
     else:
@@ -224,12 +237,33 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
             "estimated_cost": fixed[0] + fixed[1] * hidden_kept + sum(u.cost for u in choice.units),
         })
         plan = _hold(model, fam.name, choice, meta, target, flops_seq)
+    plan.meta["dropped"] = dropped(model, plan)
     emptied = _emptied(model, plan)
-    if emptied:
+    # emptying blocks is what the coarser granularities are for (meta["dropped"] counts them); under "units" it
+    # is worth a word
+    if emptied and granularity == "units":
         plan.meta["warnings"] = emptied
         warnings.warn("pruning plan empties " + "; ".join(emptied), PruningWarning, stacklevel=2)
     plan.shapes = model_shapes(model)
     return plan
+
+
+def dropped(model: nn.Module, plan: PruningPlan) -> dict:
+    """The layers a plan removes whole (every attention block and the FFN), and the blocks it removes from the
+    layers that stay: counts and keys ("decoder.3", "decoder.3/self", "decoder.3/ffn", as Scores.layers)."""
+    layers, attention, ffn = [], [], []
+    for lay in layer_sites(model):
+        gone = [s.key for s in lay.attentions.values() if s.num_heads and plan.heads.get(s.key) == []]
+        had = [s.key for s in lay.attentions.values() if s.num_heads]
+        ffn_gone = bool(lay.ffn.width) and plan.neurons.get(lay.key) == []
+        if (had or lay.ffn.width) and len(gone) == len(had) and (ffn_gone or not lay.ffn.width):
+            layers.append(lay.key)
+            continue
+        attention += gone
+        if ffn_gone:
+            ffn.append(f"{lay.key}/ffn")
+    return {"layers": len(layers), "attention_blocks": len(attention), "ffn_blocks": len(ffn),
+            "keys": layers + attention + ffn}
 
 
 def _build(model: nn.Module, family: str, choice: Choice, meta: dict) -> PruningPlan:

@@ -120,12 +120,23 @@ def _run_prune_lora(cfg, model, train_loader, evaluate, context, sample_loader) 
 
 
 def _run_lora_prune(cfg, model, train_loader, evaluate, context, sample_loader) -> MethodResult:
+    """APT's LoRA+Prune baseline: LoRA training, then Kwon et al.'s post-training pruning of the tuned model under
+    the budget (Fisher scores on the sample, the mask chosen by score per cost, mask rearrangement and
+    least-squares rescaling of what is kept), then a short LoRA recovery (--recovery-epochs; APT retrains its
+    pruned baseline too)."""
+    from prunetune.importance import kwon_rearrange, kwon_rescale
+
     peft_model = adapters.apply_lora(model, rank=cfg.lora.rank, targets=targets_for(cfg))
     _, trainable = adapters.count_parameters(peft_model)
     first = fit(peft_model, train_loader, evaluate, training_options(cfg), context=context)
     t0 = time.perf_counter()
-    scores = context.runtime.broadcast(compute(peft_model, sample_loader, "fisher"))
+    scores = context.runtime.broadcast(compute(peft_model, sample_loader, "fisher"))  # of the tuned model
     plan = select(peft_model, scores, target_budget(cfg))
+    # same counts per layer (so the same cost), chosen for a lower block Fisher; then the kept heads and neurons
+    # scaled so each narrowed block restores the tuned model's outputs (folded into the output projections'
+    # columns and their LoRA A)
+    plan = kwon_rearrange(peft_model, plan, sample_loader)
+    scales = kwon_rescale(peft_model, plan, sample_loader)
     apply_plan(peft_model, plan)
     prune_time = time.perf_counter() - t0
     recovery = fit(peft_model, train_loader, evaluate, training_options(cfg, epochs=cfg.training.recovery_epochs),
@@ -133,7 +144,12 @@ def _run_lora_prune(cfg, model, train_loader, evaluate, context, sample_loader) 
     recovery.history = first.history + recovery.history
     recovery.train_time_s += first.train_time_s + prune_time
     recovery.steps += first.steps
-    return MethodResult(peft_model, recovery, trainable, scores, {"plan": plan.to_dict()})
+    # the scales changed base weights (the output projections' kept columns): the adapter's base is the dense
+    # model cut to the layout and scaled by them
+    post_training = {"scorer": "fisher", "rearrangement": plan.meta["rearrangement"],
+                     "rescale": plan.meta["kwon_rescale"], "scales": scales, "prune_time_s": prune_time}
+    return MethodResult(peft_model, recovery, trainable, scores, {"plan": plan.to_dict(),
+                                                                  "post_training_pruning": post_training})
 
 
 def _run_apt(cfg, model, train_loader, evaluate, context, sample_loader) -> MethodResult:

@@ -15,26 +15,31 @@ order and whose first slice carries the KV rows) as the segments of their upper 
 KV cost is spread over the slices it enables. Hidden dims scale the cost of everything else: the number
 kept is searched for, the heads and neurons being chosen at exact costs for each candidate. plan.select
 turns the choice into a plan and checks its cost on a weightless copy of the model.
+
+``Budget.granularity`` lets a cost budget remove whole attention blocks, FFN blocks and layers, valued by
+their own scores (``Scores.layers``), on their own ("blocks", "layers") or ranked with the units ("mixed");
+see layer_units.py. The greedy itself is in knapsack.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 from torch import nn
 
 from prunetune.costs import head_costs, neuron_cost
 from prunetune.errors import PrunetuneError
 from prunetune.families import hidden_size, layer_sites
+from prunetune.knapsack import TOLERANCE, Unit, knapsack
+from prunetune.layer_units import DEFAULT_GRANULARITY, GRANULARITIES, Granularity, Group, build_groups, layer_chain
 
 Normalize = Literal["none", "per_kind", "per_layer"]
 NORMALIZE_MODES: tuple[str, ...] = ("none", "per_kind", "per_layer")
 DEFAULT_NORMALIZE: Normalize = "none"  # scores of one scorer share a unit: compare them as they are
-TOLERANCE = 1e-6  # absolute slack on costs (parameters, FLOPs) for floating-point sums
 HIDDEN_GRID = 24  # hidden sizes tried in the coarse pass of the hidden search (then refined by halving)
+
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Budget:
     round_to: int = 1  # keep neuron counts (and hidden sizes) in multiples of this where the budget allows
     reference: float | None = None  # the dense cost the fractions refer to (default: the live model's)
     prune_hidden: bool = False  # let keep_params / keep_flops remove hidden dims too, ranked with the rest
+    # see GRANULARITIES; None: "units", or "layers" for scores that score whole layers only (block_influence)
+    granularity: Granularity | None = None
 
     def check(self) -> None:
         for name in ("keep_params", "keep_flops", "hidden_keep"):
@@ -72,33 +79,15 @@ class Budget:
             raise PrunetuneError("pruning hidden dims with the rest needs --keep-params or --keep-flops")
         if self.prune_hidden and self.hidden_keep is not None:
             raise PrunetuneError("give either --hidden-keep (a fixed count) or hidden pruning by the budget, not both")
-
-
-@dataclass
-class Unit:
-    """A selectable piece of structure: `ids` are kept together.
-
-    Costs are linear in the fraction of hidden dims kept, s: cost = cost_const + cost_hidden * s; `cost` holds
-    the value at the s being evaluated (see Pool.at_scale).
-    """
-
-    kind: Literal["heads", "neurons"]
-    key: str
-    ids: list[int]
-    score: float
-    cost_const: float
-    cost_hidden: float
-    # its place among its layer's units of its kind, best first, in [0, 1): on equal score per cost the
-    # greedy takes every layer's best before any layer's second best (flat scores prune layers evenly)
-    rank: float = 0.0
-    cost: float = field(default=0.0, compare=False)
-
-    def at_scale(self, s: float) -> float:
-        return self.cost_const + self.cost_hidden * s
-
-
-def _ratio(value: float, cost: float) -> float:
-    return value / cost if cost > 0 else math.inf
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise PrunetuneError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
+        if self.granularity not in (None, "units"):
+            if self.keep_params is None and self.keep_flops is None:
+                raise PrunetuneError(f"granularity {self.granularity!r} removes whole blocks or layers under a cost "
+                                     "budget: give --keep-params or --keep-flops")
+            if self.heads_keep is not None or self.neurons_keep is not None:
+                raise PrunetuneError(f"granularity {self.granularity!r} chooses which blocks keep heads and neurons: "
+                                     "it cannot be combined with --heads-keep / --neurons-keep")
 
 
 def resolve_normalize(normalize: str | None, scores) -> tuple[Normalize, str]:
@@ -115,6 +104,17 @@ def resolve_normalize(normalize: str | None, scores) -> tuple[Normalize, str]:
     if mode not in NORMALIZE_MODES:
         raise PrunetuneError(f"unknown score normalisation {mode!r}; known: {', '.join(NORMALIZE_MODES)}")
     return mode, source
+
+
+def resolve_granularity(budget: Budget, scores) -> tuple[Granularity, str]:
+    """What the budget may remove and where that came from: the budget, the scores (whole-layer scores and no
+    head or neuron scores: whole layers, as ShortGPT), or the default."""
+    if budget.granularity is not None:
+        return budget.granularity, "budget"
+    cost_budget = budget.keep_params is not None or budget.keep_flops is not None
+    if cost_budget and scores.layers and not scores.heads and not scores.neurons:
+        return "layers", "scores: whole layers only"
+    return DEFAULT_GRANULARITY, "default"
 
 
 def _l2(values: list[float]) -> list[float]:
@@ -193,74 +193,6 @@ def _neuron_chains(model: nn.Module, scores, round_to: int, flops_seq: int | Non
     return chains
 
 
-def _segments(chain: list[Unit]) -> list[tuple[float, float, list[Unit]]]:
-    """The chain cut at the vertices of its upper concave envelope (kept score against cumulative cost).
-
-    Each segment's score per cost is below the previous one's, so a greedy over segments meets a chain's
-    units in their required order, and a first slice that only pays off with the slices after it (it
-    carries the KV rows) is judged together with them: a look-ahead over the chain.
-    """
-    segs: list[tuple[float, float, list[Unit]]] = []
-    for u in chain:
-        value, cost, units = u.score, u.cost, [u]
-        while segs and _ratio(segs[-1][0], segs[-1][1]) <= _ratio(value, cost):
-            v0, c0, u0 = segs.pop()
-            value, cost, units = v0 + value, c0 + cost, u0 + units
-        segs.append((value, cost, units))
-    return segs
-
-
-def knapsack(chains: list[list[Unit]], capacity: float) -> list[Unit]:
-    """Greedy by score per cost over envelope segments; what is left is filled with the leading units of chains
-    whose next segment did not fit (after the main pass, so they never displace a better unit)."""
-    # one item per envelope segment, in parallel lists (a tuple per item made the garbage collector sweep the
-    # whole heap: a decoder has ~10^5 neurons, and the hidden search runs this some 40 times)
-    ratio: list[float] = []
-    rank: list[float] = []
-    cost: list[float] = []
-    where: list[tuple[int, int]] = []  # (chain, position of the segment's first unit)
-    members: list[list[Unit]] = []
-    for ci, chain in enumerate(chains):
-        if len(chain) == 1:  # most chains (neurons, MHA heads): no envelope to compute
-            u = chain[0]
-            ratio.append(_ratio(u.score, u.cost))
-            rank.append(u.rank)
-            cost.append(u.cost)
-            where.append((ci, 0))
-            members.append(chain)
-            continue
-        start = 0
-        for value, seg_cost, units in _segments(chain):
-            ratio.append(_ratio(value, seg_cost))
-            rank.append(units[0].rank)
-            cost.append(seg_cost)
-            where.append((ci, start))
-            members.append(units)
-            start += len(units)
-    # best ratio first, then the better-ranked unit; a chain's segments have decreasing ratios, so they come in
-    # chain order (lexsort is stable)
-    order = np.lexsort((np.asarray(rank), -np.asarray(ratio))).tolist()
-    chosen: list[Unit] = []
-    spent = 0.0
-    blocked: dict[int, int] = {}  # chain -> position of its first unit not taken (insertion = ratio order)
-    for i in order:
-        ci, start = where[i]
-        if ci in blocked:
-            continue
-        if spent + cost[i] <= capacity + TOLERANCE:
-            chosen += members[i]
-            spent += cost[i]
-        elif len(chains[ci]) - start > 1:  # a lone unit that does not fit now never will: no need to recall it
-            blocked[ci] = start
-    for ci, start in blocked.items():
-        for u in chains[ci][start:]:
-            if spent + u.cost > capacity + TOLERANCE:
-                break
-            chosen.append(u)
-            spent += u.cost
-    return chosen
-
-
 def top_count(units: list[Unit], keep: float, total: int) -> list[Unit]:
     """The best units covering `keep` of `total` structures (a fraction, or a count when > 1)."""
     target = round(keep * total) if keep <= 1 else int(keep)
@@ -287,9 +219,11 @@ class Choice:
 class Pool:
     """The selectable units of a model, scored (normalised as asked) and costed, and selection from them."""
 
-    def __init__(self, model: nn.Module, scores, budget: Budget, mode: Normalize, flops_seq: int | None):
+    def __init__(self, model: nn.Module, scores, budget: Budget, mode: Normalize, flops_seq: int | None,
+                 granularity: Granularity = DEFAULT_GRANULARITY):
         self.budget = budget
         self.mode = mode
+        self.granularity = granularity
         per_layer = mode == "per_layer"
         self.head_chains = _head_chains(model, scores, budget.gqa, flops_seq, per_layer)
         self.neuron_chains = _neuron_chains(model, scores, budget.round_to, flops_seq, per_layer)
@@ -304,6 +238,23 @@ class Pool:
         if mode != "none":
             for kind in (self.head_units, self.neuron_units):
                 _per_kind(kind)
+        # whole blocks and layers: per layer, its units with what keeping each block and the layer is worth
+        self.groups: list[Group] = []
+        if granularity != "units":
+            self.groups = build_groups(self.head_chains + self.neuron_chains, scores.layers, granularity)
+        self.block_of = {id(u): b.key for g in self.groups for b in g.blocks for u in b.units}
+
+    def kept_value(self, units: list[Unit]) -> float:
+        """The score a selection keeps: its units' scores; with whole blocks and layers, the loss it avoids
+        against removing every layer (see Group.kept_value)."""
+        if not self.groups:
+            return sum(u.score for u in units)
+        kept: dict[str, float] = {}
+        block_of = self.block_of
+        for u in units:
+            key = block_of[id(u)]
+            kept[key] = kept.get(key, 0.0) + u.score
+        return sum(g.kept_value(kept) for g in self.groups)
 
     def at_scale(self, s: float) -> None:
         for units in (self.head_units, self.neuron_units):
@@ -379,7 +330,12 @@ class Pool:
     def _fill(self, h: int, capacity: float, required: list[Unit], free: list[list[Unit]]) -> Choice:
         scale = h / self.hidden_now
         self.at_scale(scale)
-        chosen = knapsack(free, capacity)
+        if self.groups:  # the layers' chains depend on the costs, so on the scale
+            chains = [layer_chain(g, scale) for g in self.groups]
+            chosen = knapsack(chains, capacity)
+            free = [c.units() for c in chains]
+        else:
+            chosen = knapsack(free, capacity)
         hidden = self._best_hidden(h) if (self.budget.prune_hidden or self.budget.hidden_keep is not None) else None
         return Choice(required + chosen, hidden, scale, free)
 
@@ -403,7 +359,7 @@ class Pool:
                     memo[h] = (-math.inf, None)
                 else:
                     choice = self._fill(h, target - floor(h), required, free)
-                    memo[h] = (prefix[h] + sum(u.score for u in choice.units), choice)
+                    memo[h] = (prefix[h] + self.kept_value(choice.units), choice)
             return memo[h][0]
 
         def better(h: int) -> tuple[float, int]:  # equal scores: the wider model (fewer odd shapes)
@@ -421,5 +377,6 @@ class Pool:
         return choice
 
 
-__all__ = ["DEFAULT_NORMALIZE", "NORMALIZE_MODES", "Budget", "Choice", "Normalize", "Pool", "Unit", "knapsack",
-           "resolve_normalize", "top_count"]
+__all__ = ["DEFAULT_GRANULARITY", "DEFAULT_NORMALIZE", "GRANULARITIES", "NORMALIZE_MODES", "Budget", "Choice",
+           "Granularity", "Normalize", "Pool", "Unit", "knapsack", "resolve_granularity", "resolve_normalize",
+           "top_count"]
