@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.families import Family, family_of, layer_sites, token_types
+from prunetune.families import AUTO_MAPPINGS, Family, family_of, layer_sites, token_types
 
 TOLERANCE = 1e-4
 # Relative part of the check: fp32 sums in another order differ by ~1e-7 of their size per op; through 30 layers
@@ -59,20 +59,6 @@ QUANTIZE_CHOICES = ("int8",)
 MIN_OPSET, MAX_OPSET = 12, 20
 INSTALL_HINT = "pip install prunetune[onnx]"
 
-# transformers' table of the architecture each Auto class builds, per model type (modeling_auto.<name>)
-AUTO_MAPPINGS = {
-    "AutoModel": "MODEL_MAPPING_NAMES",
-    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-    "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
-    "AutoModelForMaskedLM": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-    "AutoModelForMultipleChoice": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",
-    "AutoModelForPreTraining": "MODEL_FOR_PRETRAINING_MAPPING_NAMES",
-    "AutoModelForNextSentencePrediction": "MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES",
-    "AutoModelForTextEncoding": "MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES",
-}
 # Output fields that are not the head's answer: loss needs labels; caches, per-layer states and attentions are
 # debugging aids; T5 heads repeat the encoder's states.
 _NOT_OUTPUTS = {
