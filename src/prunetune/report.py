@@ -44,8 +44,8 @@ def summary(r: dict) -> str:
     m, main = r["metrics"], r["main_metric"]
     others = ", ".join(f"{k} {_metric_text(k, v)}" for k, v in m.items() if k not in ("main", main))
     return (
-        f"{r['method']} on {r['task']}: {main} {m['main']:.4f} ({others})"
-        f" | params {r['params_total']:,} ({r['layer_params_kept']:.0%} of layer params) | trainable "
+        f"{r['method']} on {r['task']}: {main} {m['main']:.4f}" + (f" ({others})" if others else "")
+        + f" | params {r['params_total']:,} ({r['layer_params_kept']:.0%} of layer params) | trainable "
         f"{r['trainable_params']:,} | train {r['train_time_s']:.1f}s | peak train mem {r['peak_train_mem_mb']:.0f} MB"
     )
 
