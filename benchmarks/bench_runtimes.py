@@ -313,25 +313,27 @@ def measure_rows(rows: dict[str, tuple[str, dict]], rounds: int, max_rounds: int
 
 def sst2_predictions(model: Path, report: dict, *, eval_limit: int | None, seed: int, threads: int) -> dict:
     """Predicted classes on the SST-2 dev set for each runtime, and the labels."""
-    from prunetune.data import get_task, load_split, make_loader, tokenize
+    from prunetune.data import DataSource
     from prunetune.models import load_tokenizer
-    from prunetune.tasks import get as get_task_object
-    from prunetune.train import predict
+    from prunetune.tasks import get as get_task
 
     tok = load_tokenizer(str(model))
-    ds = tokenize(load_split(get_task("sst2"), "dev", limit=eval_limit, seed=seed), tok, 128)
-    loader = make_loader(ds, tok, 64, shuffle=False)
+    task = get_task("sst2")
+    # the task's own dev batches: the bundled SST-2 dev set (all 872 rows unless --eval-limit)
+    loader = list(task.eval_loader(tok, data=DataSource(None), eval_limit=eval_limit, max_length=128, seed=seed,
+                                   batch_size=64))
     with torch_threads(threads):
-        net = get_task_object("sst2").load_model(str(model)).eval()
+        net = task.load_model(str(model)).eval()
         with torch.inference_mode():
-            logits, labels = predict(net, loader)
-    preds = {"pytorch": logits.argmax(-1)}
+            logits = [net(**{k: v for k, v in b.items() if k != "labels"}).logits for b in loader]
+    labels = np.concatenate([b["labels"].numpy() for b in loader])
+    preds = {"pytorch": torch.cat(logits).argmax(-1).numpy()}
     for runtime in ("ort-fp32", "ort-int8"):
         sess = _session(graph_files(report, runtime)["model"], threads)
         names = {i.name for i in sess.get_inputs()}
         out = []
         for batch in loader:
-            feed = {k: v.numpy() for k, v in batch.items() if k in names}
+            feed = {k: v.numpy() for k, v in batch.items() if k in names and k != "labels"}
             out.append(sess.run(None, feed)[0])
         preds[runtime] = np.concatenate(out).argmax(-1)
     return {"labels": labels, **preds}
