@@ -51,9 +51,13 @@ def progress_enabled() -> bool:
 
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "batch",
              leave: bool = False, enabled: bool = True) -> tqdm:
-    """A tqdm bar on stderr for one stage (hidden when progress is off, or `enabled` is False)."""
+    """A tqdm bar on stderr for one stage (hidden when progress is off, or `enabled` is False).
+
+    Redrawn at most every 30 s when stderr is a file or pipe (a log would get a line per update otherwise).
+    """
+    interactive = getattr(sys.stderr, "isatty", lambda: False)()
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr,
-                disable=not (enabled and _PROGRESS["enabled"]))
+                mininterval=0.1 if interactive else 30.0, disable=not (enabled and _PROGRESS["enabled"]))
 
 
 def status(message: str) -> None:
