@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from prunetune.families import hidden_sites, layer_sites
-from prunetune.importance.passes import TokenRows, each_batch, loss_of, scoring, stack_mask_keys
+from prunetune.importance.passes import TokenRows, each_batch, loss_of, observe, scoring, stack_mask_keys
 from prunetune.importance.scores import PROXY, Scores, register, scores_from
 from prunetune.importance.stats import ActivationStats
 from prunetune.masks import Masks, attach
@@ -216,14 +216,7 @@ def channel_stats(model: nn.Module, batches: Iterable[dict] | None, *, readers: 
         for lin, _ in hidden_sites(model)["linear_in"]:
             out.readers.append(m := Moments())
             handles.append(lin.register_forward_pre_hook(hook(m, "attention_mask")))
-    try:
-        with scoring(model), torch.no_grad():
-            for batch in each_batch(model, batches):
-                rows.set(batch)
-                model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
+    observe(model, batches, handles, rows)
     return out
 
 

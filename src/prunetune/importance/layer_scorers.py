@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from prunetune.families import layer_input, layer_output, layer_sites
-from prunetune.importance.passes import TokenRows, each_batch, scoring, stack_mask_keys
+from prunetune.importance.passes import TokenRows, observe, stack_mask_keys
 from prunetune.importance.scores import PROXY, Scores, register
 
 
@@ -45,12 +45,5 @@ def block_influence(model: nn.Module, batches: Iterable[dict], *, hidden: bool =
         pre, post = hooks(lay.key)
         handles.append(lay.module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(lay.module.register_forward_hook(post, with_kwargs=True))
-    try:
-        with scoring(model), torch.no_grad():
-            for batch in each_batch(model, batches):
-                rows.set(batch)
-                model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
+    observe(model, batches, handles, rows)
     return Scores(layers={k: sums[k] / max(counts[k], 1) for k in sums})

@@ -106,33 +106,31 @@ def mask_gradients(model: nn.Module, batches: Iterable[dict] | None, *, hidden: 
     return out
 
 
+def _per_example_mean(g, units: dict, blocks: dict, factor: float = 1.0) -> Scores:
+    """Sums over the sample's examples turned into `factor` x their mean, per unit and per block."""
+    scale = factor / max(g.examples, 1)
+    scores = scores_from({k: v * scale for k, v in units.items()}, {k: v * scale for k, v in blocks.items()})
+    scores.meta["examples"] = g.examples
+    return scores
+
+
 @register("head_grad", unit=FIRST_ORDER, normalize="layer")
 def head_grad(model: nn.Module, batches: Iterable[dict], *, hidden: bool = False) -> Scores:
     """Mean over examples of |dL_e/dmask| (Michel et al.): the expected absolute first-order loss change."""
     g = mask_gradients(model, batches, hidden=hidden)
-    n = max(g.examples, 1)
-    scores = scores_from({k: v / n for k, v in g.abs.items()}, {k: v / n for k, v in g.blocks_abs.items()})
-    scores.meta["examples"] = g.examples
-    return scores
+    return _per_example_mean(g, g.abs, g.blocks_abs)
 
 
 @register("taylor", unit=FIRST_ORDER)
 def taylor(model: nn.Module, batches: Iterable[dict], *, hidden: bool = False) -> Scores:
     """|mean over examples of dL_e/dmask|: first-order Taylor estimate of the loss change on the sample."""
     g = mask_gradients(model, batches, hidden=hidden)
-    n = max(g.examples, 1)
-    scores = scores_from({k: v.abs() / n for k, v in g.signed.items()},
-                         {k: abs(v) / n for k, v in g.blocks_signed.items()})
-    scores.meta["examples"] = g.examples
-    return scores
+    return _per_example_mean(g, {k: v.abs() for k, v in g.signed.items()},
+                             {k: abs(v) for k, v in g.blocks_signed.items()})
 
 
 @register("fisher", unit=FISHER)
 def fisher(model: nn.Module, batches: Iterable[dict], *, hidden: bool = False) -> Scores:
     """0.5 x mean over examples of (dL_e/dmask)^2 (Kwon et al.): the empirical-Fisher loss change estimate."""
     g = mask_gradients(model, batches, hidden=hidden)
-    n = max(g.examples, 1)
-    scores = scores_from({k: v / (2 * n) for k, v in g.square.items()},
-                         {k: v / (2 * n) for k, v in g.blocks_square.items()})
-    scores.meta["examples"] = g.examples
-    return scores
+    return _per_example_mean(g, g.square, g.blocks_square, factor=0.5)

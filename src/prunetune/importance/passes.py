@@ -66,6 +66,18 @@ def each_batch(model: nn.Module, batches: Iterable[dict] | None) -> Iterator[dic
         raise PrunetuneError("importance needs data, but the data set is empty")
 
 
+def observe(model: nn.Module, batches: Iterable[dict] | None, handles: list, rows: TokenRows) -> None:
+    """Forward passes without gradients over the sample, for hooks that only watch; the hooks are removed after."""
+    try:
+        with scoring(model), torch.no_grad():
+            for batch in each_batch(model, batches):
+                rows.set(batch)
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def batch_size(batch: dict) -> int:
     """Examples in a batch (its input ids' first dim, or any tensor's)."""
     first = batch.get("input_ids")
