@@ -19,6 +19,7 @@ from conftest import tiny_config, tiny_inputs  # noqa: E402
 from engine_helpers import T5_CASES, lively, make_plan  # noqa: E402
 
 import prunetune.onnx_export as onnx_export  # noqa: E402
+import prunetune.onnx_graphs as onnx_graphs  # noqa: E402
 from prunetune.cli import main  # noqa: E402
 from prunetune.errors import PrunetuneError  # noqa: E402
 from prunetune.export import save_compact  # noqa: E402
@@ -185,10 +186,10 @@ def test_emptied_bert_decoder_layer_keeps_a_cache_entry():
     """BERT as a causal LM: a layer whose attention core was emptied still has a (placeholder) cache entry, so
     the exported graphs have a present for every layer."""
     model = build("bert", "AutoModelForCausalLM", {"encoder.1/self": []})
-    ids, mask = onnx_export.Inputs.for_model(model, 0).batch(2, 8, left=True)
+    ids, mask = onnx_graphs.Inputs.for_model(model, 0).batch(2, 8, left=True)
     with torch.no_grad():
-        live = onnx_export.CausalLMGraph(model, with_past=False)(ids, mask)[1:]
-    layout = onnx_export.past_layout(model, live)
+        live = onnx_graphs.CausalLMGraph(model, with_past=False)(ids, mask)[1:]
+    layout = onnx_graphs.past_layout(model, live)
     assert [lay["past_shape"] for lay in layout] == [[4, 8], [1, 1], [4, 8]]
     assert all(t.shape[2] == 8 for t in live)  # every entry holds the whole sequence
 
