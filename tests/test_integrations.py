@@ -5,13 +5,19 @@ export reloads with the stock Auto classes."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from conftest import tiny_config
 from engine_helpers import lively
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 import prunetune
@@ -23,6 +29,7 @@ from prunetune.integrations import PruningCallback
 from prunetune.plan import Budget, layer_cost, model_info
 from prunetune.train import fit
 
+HERE = Path(__file__).parent
 ROWS, LENGTH = 32, 12
 BUDGET = Budget(keep_params=0.5)
 # 3 epochs of 8 steps (batch 4): pruning at steps 5, 9 and 12, each followed by rank growth
@@ -195,3 +202,25 @@ def test_pruning_before_training_reaches_the_budget_and_trains(tmp_path, family)
     assert layer_cost(model) <= 0.5 * dense
     live = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in callback._optimizer.param_groups for p in g["params"]} == live
+
+
+def test_data_parallel_ranks_agree_and_equal_one_process(tmp_path):
+    """torchrun, 2 gloo processes of 2 rows each: the Trainer's DDP wrapper is rebuilt after each change, the
+    salience summed over the ranks (runtime.py), so both ranks prune alike and as one process with 4 rows does."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(HERE / "trainer_ddp_worker.py"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=HERE,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE)]),
+                               "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+                               "MASTER_ADDR": "127.0.0.1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    weights = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert infos[0]["world"] == 2 and infos[0]["changes"] == infos[1]["changes"] and len(infos[0]["changes"]) == 6
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    single = PruningCallback(BUDGET, APT)
+    _, model = run_trainer(tmp_path / "single", single)
+    assert structure(single.changes) == structure(infos[0]["changes"])
+    ours = trained(model)
+    assert ours.keys() == weights[0].keys()
+    assert max((ours[k] - weights[0][k]).abs().max().item() for k in ours) < 1e-5

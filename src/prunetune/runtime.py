@@ -198,7 +198,7 @@ class Runtime:
 
         self.release(wrapped)
         settings = {"device_ids": wrapped.device_ids, "output_device": wrapped.output_device, "dim": wrapped.dim,
-                    "broadcast_buffers": wrapped.broadcast_buffers, "process_group": wrapped.process_group,
+                    "forward_sync_buffers": wrapped.forward_sync_buffers, "process_group": wrapped.process_group,
                     "bucket_cap_mb": wrapped.bucket_bytes_cap / 2**20,
                     "find_unused_parameters": wrapped.find_unused_parameters,
                     "gradient_as_bucket_view": wrapped.gradient_as_bucket_view, "static_graph": wrapped.static_graph}
