@@ -23,7 +23,7 @@ from prunetune.config import AptOptions, RunConfig, target_budget, targets_for
 from prunetune.families import layer_sites, unwrap
 from prunetune.importance import ActivationStats, compute
 from prunetune.optim import _transform
-from prunetune.plan import Budget, layer_cost, model_info, select
+from prunetune.plan import Budget, PruningPlan, layer_cost, model_info, select
 from prunetune.runtime import Runtime
 from prunetune.structure import Change
 from prunetune.surgery import SliceLog, apply_plan, own_storage
@@ -305,6 +305,20 @@ class AptHook(TrainHook):
         self.stats.remove()
 
 
+def plan_before_training(model: nn.Module, sample_loader, target: Budget, options: AptOptions,
+                         runtime: Runtime) -> PruningPlan:
+    """The plan of `apt --prune-before-training` (large decoders): an outlier-aware score on a calibration sample,
+    pruned once to the target, then tuned. Shared by the recipe and the Trainer callback."""
+    scorer = options.scorer or "salience_kurtosis"
+    # every rank scores the same sample; the main rank's scores decide (GPU kernels need not agree to the bit)
+    scores = runtime.broadcast(compute(model, sample_loader, scorer, hidden=options.prune_hidden))
+    # each layer's scores are L2-normalised (raw scores differ by orders of magnitude between layers of a
+    # decoder), which leaves kinds incomparable: per_layer then rescales each kind to its cost share
+    plan = select(model, scores, target, normalize="per_layer")
+    plan.meta["scorer"] = scorer
+    return plan
+
+
 def run_apt(cfg: RunConfig, model: nn.Module, train_loader, evaluate, context: RunContext, sample_loader):
     """The `apt` method for the fine-tuning recipe (see recipes.py)."""
     from prunetune.recipes import MethodResult, training_options
@@ -314,14 +328,7 @@ def run_apt(cfg: RunConfig, model: nn.Module, train_loader, evaluate, context: R
     dense_cost = layer_cost(model, flops_seq(target))
     extra: dict = {}
     if options.prune_before_training:
-        # large decoders: outlier-aware score on a calibration sample, prune once, then tune
-        scorer = options.scorer or "salience_kurtosis"
-        # every rank scores the same sample; the main rank's scores decide (GPU kernels need not agree to the bit)
-        scores = context.runtime.broadcast(compute(model, sample_loader, scorer, hidden=options.prune_hidden))
-        # each layer's scores are L2-normalised (raw scores differ by orders of magnitude between layers of a
-        # decoder), which leaves kinds incomparable: per_layer then rescales each kind to its cost share
-        plan = select(model, scores, target, normalize="per_layer")
-        plan.meta["scorer"] = scorer
+        plan = plan_before_training(model, sample_loader, target, options, context.runtime)
         apply_plan(model, plan)
         own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident
         extra["plan_before_training"] = plan.to_dict()

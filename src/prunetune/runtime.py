@@ -179,6 +179,31 @@ class Runtime:
         if remove is not None:
             remove()
 
+    @staticmethod
+    def wrappers_of(model: nn.Module) -> list[nn.Module]:
+        """The DistributedDataParallel modules around `model` that someone else built and holds (the transformers
+        Trainer, through accelerate, never hands its wrapper out). Looked for among the live objects: only when
+        the structure changed, a few times a run."""
+        import gc
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        return [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel) and o.module is model]
+
+    def rebuild_in_place(self, wrapped: nn.Module) -> None:
+        """Build a DistributedDataParallel wrapper again on its module's parameters now, as the same object (its
+        holder keeps calling it): after a structure change its buckets and gradient hooks point at tensors that are
+        gone. Its settings are kept; a communication hook registered on it is not."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.release(wrapped)
+        settings = {"device_ids": wrapped.device_ids, "output_device": wrapped.output_device, "dim": wrapped.dim,
+                    "forward_sync_buffers": wrapped.forward_sync_buffers, "process_group": wrapped.process_group,
+                    "bucket_cap_mb": wrapped.bucket_bytes_cap / 2**20,
+                    "find_unused_parameters": wrapped.find_unused_parameters,
+                    "gradient_as_bucket_view": wrapped.gradient_as_bucket_view, "static_graph": wrapped.static_graph}
+        DistributedDataParallel.__init__(wrapped, wrapped.module, **settings)
+
     def no_sync(self, wrapped: nn.Module, skip: bool):
         """No gradient all-reduce for this backward (`skip`: a micro-batch before the last of an accumulation)."""
         if skip and self.distributed:

@@ -93,3 +93,11 @@ def step_changes(step: int, model: nn.Module, hooks, *, seed: int, optimizer: to
             change = change_structure(model, change, hooks, seed=seed, step=step, optimizer=optimizer)[i]
             changed = True
     return changed
+
+
+def first_difference(saved: dict[str, list[int]], live: dict[str, list[int]]) -> str:
+    """The first parameter whose shape differs between a saved state and a rebuilt model, in words."""
+    for name in sorted(set(saved) | set(live)):
+        if saved.get(name) != live.get(name):
+            return f"{name}: {saved.get(name) or 'absent'} in the checkpoint, {live.get(name) or 'absent'} here"
+    return ""

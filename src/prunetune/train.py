@@ -31,7 +31,7 @@ from prunetune.errors import PrunetuneError
 from prunetune.optim import growth_state, load_growth_state
 from prunetune.runtime import Runtime, TrainData
 from prunetune.state import RunState, capture_rng, decode, encode, restore_rng
-from prunetune.structure import Change, change_structure, step_changes
+from prunetune.structure import Change, change_structure, first_difference, step_changes
 
 __all__ = ["DEFAULT_SEED", "FitResult", "RunContext", "TrainConfig", "TrainHook", "fit", "predict"]
 
@@ -196,13 +196,6 @@ def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 params[n].copy_(v)
 
 
-def _first_difference(saved: dict[str, list[int]], live: dict[str, list[int]]) -> str:
-    for name in sorted(set(saved) | set(live)):
-        if saved.get(name) != live.get(name):
-            return f"{name}: {saved.get(name) or 'absent'} in the checkpoint, {live.get(name) or 'absent'} here"
-    return ""
-
-
 class _Loop:
     """One run of `fit`: the model, its wrapper, optimizer, scheduler and the RunState they advance."""
 
@@ -255,7 +248,7 @@ class _Loop:
         live = {n: list(p.shape) for n, p in self.model.named_parameters()}
         if live != saved.shapes:
             raise PrunetuneError("--resume: the checkpoint does not fit the model this run builds ("
-                                 + _first_difference(saved.shapes, live) + ")")
+                                 + first_difference(saved.shapes, live) + ")")
         params = dict(self.model.named_parameters())
         trainable = {n for n, p in params.items() if p.requires_grad}
         if trainable != set(saved.params):
