@@ -269,8 +269,8 @@ def _info_table(info: dict) -> str:
     lines = [
         f"family {info['family']}  params {info['params']:,}  layer params {info['layer_params']:,}  "
         f"hidden {info['hidden']}  heads {info['heads']}  ffn {info['ffn']}",
-        "loads with: " + ("`import prunetune` first (pruned layout)" if info.get("needs_prunetune")
-                          else "transformers alone (stock)"),
+        "loads with: " + (f"`import prunetune` first (needs prunetune because {info.get('needs_prunetune_because')})"
+                          if info.get("needs_prunetune") else "transformers alone (stock)"),
         f"{'layer':<14}{'params':>12}  {'heads':<18}{'kv heads':<18}{'ffn':>6}",
     ]
     for lay in info["layers"]:
