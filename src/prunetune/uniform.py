@@ -208,7 +208,8 @@ class UniformPool:
             value += self.neuron_prefix[f.key][shape.neurons]
             units.append(Unit("neurons", f.key, sorted(self.neuron_order[f.key][: shape.neurons]), 0.0, 0.0, 0.0))
         hidden_value, hidden = self._hidden_value(shape.hidden)
-        cost = (shape.heads * (self.q_cost[0] + s * self.q_cost[1]) + shape.kv * (self.kv_cost[0] + s * self.kv_cost[1])
+        cost = (shape.heads * (self.q_cost[0] + s * self.q_cost[1])
+                + shape.kv * (self.kv_cost[0] + s * self.kv_cost[1])
                 + shape.neurons * (self.n_cost[0] + s * self.n_cost[1]))
         if not self.budget.prune_hidden:
             hidden_value = 0.0  # a fixed hidden size: the same for every candidate
@@ -242,7 +243,8 @@ class UniformPool:
             for kv, r in self.head_shapes():
                 if self.sites and not self._valid(kv, r, h):
                     continue
-                left = room - kv * r * (self.q_cost[0] + s * self.q_cost[1]) - kv * (self.kv_cost[0] + s * self.kv_cost[1])
+                heads = kv * r * (self.q_cost[0] + s * self.q_cost[1]) + kv * (self.kv_cost[0] + s * self.kv_cost[1])
+                left = room - heads
                 fits = [n for n in widths if n * per_neuron <= left + TOLERANCE]
                 if fits:
                     c = self.candidate(Shape(kv, r, fits[-1], h))
