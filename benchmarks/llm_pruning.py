@@ -262,9 +262,9 @@ def _import_model_code(location: str) -> None:
 def run_row(args) -> dict:
     """One row in this process: load, prune, measure (or prune and recover). Returns the JSON-able result."""
     import transformers
+    from prunetune.instruct import perplexity
 
     from prunetune.bench import MemoryMeter, usable_cores
-    from prunetune.instruct import perplexity
     from prunetune.models import load_tokenizer, resolve
     from prunetune.plan import layer_param_count
     from prunetune.surgery import own_storage
@@ -325,8 +325,9 @@ def run_row(args) -> dict:
 
 def recover(model: nn.Module, tokenizer, articles: list[dict], args, meter, stage: Stage) -> dict:
     """The short LoRA recovery of benchmarks/llama_instruct.py, through prunetune's Python API."""
-    from prunetune import adapters
     from prunetune.instruct import InstructTask, perplexity
+
+    from prunetune import adapters
     from prunetune.train import TrainConfig, fit, seed_everything
 
     task = InstructTask()

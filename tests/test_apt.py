@@ -110,10 +110,11 @@ def apt_options(**kw) -> tuple[AptOptions, Budget]:
     """AptOptions and the target Budget from the settings the tests give (keep, keep_flops, seq_len, ...)."""
     keep = kw.pop("keep", 0.5)
     keep_flops, seq_len = kw.pop("keep_flops", None), kw.pop("seq_len", 128)
+    shape = {"uniform": kw.pop("uniform", False), "round_to": kw.pop("round_to", 1)}
     options = AptOptions(**kw)
     if keep_flops is not None:
-        return options, Budget(keep_flops=keep_flops, seq_len=seq_len, prune_hidden=options.prune_hidden)
-    return options, Budget(keep_params=keep, prune_hidden=options.prune_hidden)
+        return options, Budget(keep_flops=keep_flops, seq_len=seq_len, prune_hidden=options.prune_hidden, **shape)
+    return options, Budget(keep_params=keep, prune_hidden=options.prune_hidden, **shape)
 
 
 def check_consistent(model, optimizer=None) -> None:
@@ -213,6 +214,23 @@ def test_gqa_groups_stay_valid_on_llama():
             q_heads = attn.q_proj.base_layer.weight.shape[0] // 8
             kv_heads = attn.k_proj.base_layer.weight.shape[0] // 8
             assert q_heads % kv_heads == 0 and attn.num_key_value_groups == q_heads // kv_heads
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_apt_uniform_keeps_every_step_uniform(family):
+    """--uniform: each pruning step chooses one count per kind for all layers, so the run ends uniform, within
+    the target, with FFN widths in multiples of --round-to."""
+    model, hook, _, dense = run_apt_fit(family, keep=0.5, uniform=True, round_to=4, distill=False)
+    for step, target, count in hook.after_pruning:
+        assert count <= target * dense * (1 + 1e-9), step
+    for row in hook.timeline.rows:  # the shape after every step
+        assert row["heads"] % len([s for lay in layer_sites(model) for s in lay.attentions.values()]) == 0
+    sites = [s for lay in layer_sites(model) for s in lay.attentions.values()]
+    assert len({(s.num_heads, s.num_kv_heads) for s in sites}) == 1 and sites[0].num_heads > 0
+    widths = {lay.ffn.width for lay in layer_sites(model)}
+    assert len(widths) == 1 and widths.pop() % 4 == 0
+    assert layer_param_count(model) < 0.6 * dense
+    check_consistent(model)
 
 
 # ---------------------------------------------------------------------------------------------------------

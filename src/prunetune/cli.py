@@ -28,7 +28,8 @@ DESCRIPTION = (
 )
 EPILOG = "Quick start: prunetune finetune --task sst2 --method prune-lora --out runs/quickstart"
 
-BUDGET_FIELDS = ("keep_params", "keep_flops", "seq_len", "heads_keep", "neurons_keep", "hidden_keep", "gqa", "round_to")
+BUDGET_FIELDS = ("keep_params", "keep_flops", "seq_len", "heads_keep", "neurons_keep", "hidden_keep", "gqa", "round_to",
+                 "uniform")
 # Flags a command reads only together with another one: (command, flag) -> the flag it needs.
 NEEDS: dict[tuple[str, str], str] = {
     ("prune", "data"): "task",  # task data is only read to score importance for the task
@@ -84,7 +85,7 @@ def _budget(args):
     from prunetune.plan import Budget
 
     given = _given(args, *BUDGET_FIELDS)
-    if not set(given) - {"seq_len", "gqa", "round_to"}:
+    if not set(given) - {"seq_len", "gqa", "round_to", "uniform"}:
         return None
     return Budget(**given)
 
@@ -100,6 +101,9 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gqa", choices=["per_group", "whole_group"],
                    help="grouped-query attention: equal query heads per KV group (default), or whole KV groups")
     g.add_argument("--round-to", type=int, help="keep FFN widths in multiples of this (default 1)")
+    g.add_argument("--uniform", action="store_true", default=None,
+                   help="the same numbers of query heads, KV heads and FFN neurons in every layer: a stock config "
+                        "(loads without prunetune) for LLaMA/Mistral/Qwen2/T5; BERT/RoBERTa only with all heads kept")
 
 
 TASK_OPTION = "task_option:"  # the argparse dest prefix of a task's own options (apart from the command's)
@@ -269,8 +273,8 @@ def _info_table(info: dict) -> str:
     lines = [
         f"family {info['family']}  params {info['params']:,}  layer params {info['layer_params']:,}  "
         f"hidden {info['hidden']}  heads {info['heads']}  ffn {info['ffn']}",
-        "loads with: " + ("`import prunetune` first (pruned layout)" if info.get("needs_prunetune")
-                          else "transformers alone (stock)"),
+        "loads with: " + (f"`import prunetune` first (needs prunetune because {info.get('needs_prunetune_because')})"
+                          if info.get("needs_prunetune") else "transformers alone (stock)"),
         f"{'layer':<14}{'params':>12}  {'heads':<18}{'kv heads':<18}{'ffn':>6}",
     ]
     for lay in info["layers"]:

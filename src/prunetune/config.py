@@ -137,6 +137,11 @@ class BudgetOptions(_Part):
     heads_keep: float | None = _opt(None, "fraction (or count) of heads kept (default 100/144)",
                                     methods=("prune-lora",))
     neurons_keep: float | None = _opt(None, "fraction (or count) of FFN neurons kept", methods=("prune-lora",))
+    uniform: bool = _opt(False, "keep the same numbers of query heads, KV heads and FFN neurons in every layer, so "
+                                "that the export is a stock config where the family allows (LLaMA, Mistral, Qwen2, "
+                                "T5; BERT/RoBERTa only with every head kept)", methods=_SAMPLED)
+    round_to: int = _opt(1, "FFN widths (and pruned hidden sizes) in multiples of this, where the budget allows",
+                         methods=_SAMPLED)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -373,11 +378,11 @@ def target_budget(cfg: RunConfig):
     """The target of lora-prune and apt: --keep-flops at --seq-len, else --keep-params (default 0.4)."""
     from prunetune.plan import Budget
 
+    shape = {"uniform": cfg.budget.uniform, "round_to": cfg.budget.round_to,
+             "prune_hidden": cfg.apt.prune_hidden and cfg.method == "apt"}
     if cfg.budget.keep_flops is not None:
-        return Budget(keep_flops=cfg.budget.keep_flops, seq_len=cfg.seq_len, prune_hidden=cfg.apt.prune_hidden
-                      and cfg.method == "apt")
-    return Budget(keep_params=cfg.budget.keep_params or DEFAULT_KEEP_PARAMS,
-                  prune_hidden=cfg.apt.prune_hidden and cfg.method == "apt")
+        return Budget(keep_flops=cfg.budget.keep_flops, seq_len=cfg.seq_len, **shape)
+    return Budget(keep_params=cfg.budget.keep_params or DEFAULT_KEEP_PARAMS, **shape)
 
 
 def resume_mismatch(saved: dict, now: RunConfig, where: str) -> str | None:

@@ -47,6 +47,7 @@ from prunetune.families import (
     unwrap,
 )
 from prunetune.plan import PruningPlan, model_info
+from prunetune.stock import stock_form, stock_reason
 from prunetune.surgery import BASE_TYPE_ATTR, LAYOUT_ATTR, current_layout, restore_layout
 
 MODEL_TYPE_PREFIX = "prunetune_"
@@ -132,11 +133,13 @@ def needs_prunetune(config) -> bool:
 
 
 def _export_config(model: nn.Module):
-    """The config to write: the dense numbers, the layout and the prunetune model type.
+    """The config to write and the weights (None: the model's own): the dense numbers, the layout and the prunetune
+    model type.
 
     A model with no layout (nothing pruned: a LoRA or full fine-tune) has the stock shapes, so it gets the stock
     config and model type: transformers alone loads it, and the hub, other libraries and older prunetune versions
-    read it as the stock architecture.
+    read it as the stock architecture. So does a pruned model whose layers all have one shape that a stock config
+    states (see stock.py).
     """
     top = unwrap(model)
     cfg = top.config
@@ -148,10 +151,13 @@ def _export_config(model: nn.Module):
     for k in ("model_type", "transformers_version", LAYOUT_ATTR, BASE_TYPE_ATTR):
         d.pop(k, None)
     if not layout:
-        return transformers.CONFIG_MAPPING[base_type](**d)
+        return transformers.CONFIG_MAPPING[base_type](**d), None
+    form = stock_form(top)
+    if not isinstance(form, str):
+        return form.config, form.state_dict
     new = _REGISTERED[base_type](prunetune_layout=layout, prunetune_base_model_type=base_type, **d)
     new.architectures = [f"Prunetune{type(top).__name__.removeprefix('Prunetune')}"]
-    return new
+    return new, None
 
 
 def _stock_architectures(directory: Path) -> None:
@@ -362,11 +368,11 @@ def save_compact(
     family_of(top)  # refuse unsupported models before writing anything
     check_card(card)
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-        config = _export_config(top)
+        config, state = _export_config(top)
         original = top.config
         top.config = config  # save_pretrained writes self.config
         try:
-            top.save_pretrained(tmp, safe_serialization=True)
+            top.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))
         finally:
             top.config = original
         if not needs_prunetune(config):
@@ -536,14 +542,18 @@ def _pruning_section(info: dict, dense: dict, gqa: bool) -> str:
 
 
 def _loading_section(arch: str, auto_class: str | None, pipeline_tag: str | None, model_type: str, stock: bool,
-                     generates: bool, tokenizer: bool) -> str:
+                     generates: bool, tokenizer: bool, pruned: bool = False, reason: str | None = None) -> str:
     from transformers.pipelines import get_supported_tasks
 
-    if stock:
+    if stock and pruned:
+        intro = ("This export is **stock**: every layer keeps the same numbers of heads and FFN neurons, which its "
+                 "config states, so transformers (and tools that read stock checkpoints) load it on its own; "
+                 "prunetune is not needed.")
+    elif stock:
         intro = ("This export is **stock**: nothing was pruned (its config records no layout), so transformers "
                  "loads it on its own; prunetune is not needed.")
     else:
-        intro = (f"This export **needs prunetune**: its layers have their own shapes, recorded in config.json "
+        intro = (f"This export **needs prunetune** because {reason}: its layers' shapes are recorded in config.json "
                  f"(`prunetune_layout`, model type `{model_type.split()[0]}`). `import prunetune` first: it "
                  "registers that model type with the transformers Auto classes, which then build the dense "
                  "modules and shrink them to the layout before loading the weights. Without it transformers "
@@ -655,7 +665,8 @@ def model_card(directory: str | Path, model: nn.Module, card: dict | None = None
         what,
         _loading_section(arch, auto_class, pipeline_tag, str(config.get("model_type", "")), stock,
                          generates=pipeline_tag in ("text-generation", "text2text-generation"),
-                         tokenizer=any((Path(directory) / n).is_file() for n in TOKENIZER_FILES)),
+                         tokenizer=any((Path(directory) / n).is_file() for n in TOKENIZER_FILES), pruned=pruned,
+                         reason=None if stock else (stock_reason(top) or "its layers have their own shapes")),
         _pruning_section(info, dense, fam.gqa) if pruned else "",
         _method_section(card, record),
     ]

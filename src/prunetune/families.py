@@ -249,7 +249,7 @@ FAMILIES: dict[str, Family] = {
         name="t5",
         model_types=("t5", "mt5"),
         stacks=_t5_stacks(_T5_FFN),
-        config=ConfigFields(hidden="d_model", heads="num_heads", ffn="d_ff"),
+        config=ConfigFields(hidden="d_model", heads="num_heads", ffn="d_ff", head_dim="d_kv"),
         norm="rms",
         norm_eps_attr="variance_epsilon",
         embeddings=("shared", "encoder.embed_tokens", "decoder.embed_tokens"),
@@ -445,13 +445,16 @@ def in_width(linear: nn.Module) -> int:
     return linear.weight.shape[1] if hasattr(linear, "weight") else linear.base_layer.weight.shape[1]
 
 
-def _head_dim(model: nn.Module, fam: Family) -> int:
-    cfg = unwrap(model).config
+def config_head_dim(cfg, fam: Family) -> int:
+    """The head size a stock model builds from this config: its own field (LLaMA's head_dim, T5's d_kv), else
+    hidden / heads (BERT and RoBERTa have no such field)."""
     if fam.config.head_dim and getattr(cfg, fam.config.head_dim, None):
         return int(getattr(cfg, fam.config.head_dim))
-    if fam.name == "t5":
-        return int(cfg.d_kv)
     return getattr(cfg, fam.config.hidden) // getattr(cfg, fam.config.heads)
+
+
+def _head_dim(model: nn.Module, fam: Family) -> int:
+    return config_head_dim(unwrap(model).config, fam)
 
 
 def layer_sites(model: nn.Module) -> list[LayerSites]:
@@ -555,6 +558,39 @@ def config_counts(config) -> dict[str, int]:
     hidden = int(getattr(config, f.hidden))
     kv = int(getattr(config, f.kv_heads) or heads) if f.kv_heads else heads
     return {"hidden": hidden, "heads": heads, "kv_heads": kv, "ffn": int(getattr(config, f.ffn))}
+
+
+def stock_config(config, counts: dict[str, int]):
+    """The stock config of the same model with uniform shapes `counts` ("hidden", "heads", "kv_heads",
+    "head_dim", "ffn"), or the reason, in words, that no stock config builds them.
+
+    transformers itself validates the config (LLaMA's wants the hidden size a multiple of the heads); a family
+    that derives the head size from hidden / heads (BERT, RoBERTa) builds another head size once either changes.
+    """
+    from transformers import CONFIG_MAPPING
+
+    fam = family_of(config)
+    f = fam.config
+    base_type = getattr(config, "prunetune_base_model_type", None) or config.model_type
+    d = config.to_dict()
+    for k in ("model_type", "transformers_version", "prunetune_layout", "prunetune_base_model_type"):
+        d.pop(k, None)
+    d.update({f.hidden: counts["hidden"], f.heads: counts["heads"], f.ffn: counts["ffn"]})
+    if f.kv_heads:
+        d[f.kv_heads] = counts["kv_heads"]
+    if f.head_dim:
+        d[f.head_dim] = counts["head_dim"]
+    elif counts["kv_heads"] != counts["heads"]:
+        return f"{fam.name} configs have no separate KV head count"
+    try:
+        new = CONFIG_MAPPING[base_type](**d)
+    except (ValueError, TypeError) as e:
+        return f"transformers refuses the {fam.name} config ({str(e).splitlines()[0]})"
+    built = config_head_dim(new, fam)
+    if built != counts["head_dim"]:
+        return (f"{fam.name} derives the head size from {f.hidden} / {f.heads} ({counts['hidden']} / "
+                f"{counts['heads']} = {built}, the heads have {counts['head_dim']})")
+    return new
 
 
 # ---------------------------------------------------------------------------------------------------------

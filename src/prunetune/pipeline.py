@@ -136,5 +136,10 @@ def run_prune(
 
 def run_info(path: str) -> dict:
     """Shapes and parameter counts of a model (or export) as it is, with its own head; whether it is stock."""
+    from prunetune.stock import stock_reason
+
     net = models.load_native(models.resolve(path))
-    return {**model_info(net), "needs_prunetune": needs_prunetune(net.config)}
+    needs = needs_prunetune(net.config)
+    # a stock checkpoint has no layout left to judge; a prunetune one says why it could not be stock
+    return {**model_info(net), "needs_prunetune": needs,
+            **({"needs_prunetune_because": stock_reason(net) or "its layers have their own shapes"} if needs else {})}

@@ -20,6 +20,7 @@ from prunetune.costs import layer_cost, layer_param_count
 from prunetune.errors import PrunetuneError, PruningWarning
 from prunetune.families import family_of, hidden_size, in_width, layer_sites, unwrap
 from prunetune.selection import Budget, Choice, Normalize, Pool, Unit, resolve_granularity, resolve_normalize
+from prunetune.uniform import UniformPool, describe
 
 
 @dataclass
@@ -224,7 +225,9 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
     pool = Pool(model, scores, budget, mode, flops_seq, granularity)
     meta: dict = {"budget": asdict(budget), "normalize": mode, "normalize_from": source,
                   "granularity": granularity, "granularity_from": granularity_from}
-    if fraction is None:
+    if budget.uniform:
+        plan = _uniform(model, fam.name, pool, scores, budget, meta, fraction, flops_seq)
+    elif fraction is None:
         plan = _build(model, fam.name, pool.by_counts(), meta)
     else:
         reference = budget.reference or layer_cost(model, flops_seq)  # APT: fractions of the dense model
@@ -246,6 +249,46 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
         warnings.warn("pruning plan empties " + "; ".join(emptied), PruningWarning, stacklevel=2)
     plan.shapes = model_shapes(model)
     return plan
+
+
+UNIFORM_TRIES = 20  # shapes measured on a weightless copy before a uniform selection gives up
+
+
+def _uniform(model: nn.Module, family: str, pool: Pool, scores, budget: Budget, meta: dict, fraction: float | None,
+             flops_seq: int | None) -> PruningPlan:
+    """The best uniform shape (see uniform.py) whose measured cost holds the budget; meta["uniform"] says which
+    counts, whether a stock config describes them, and the fraction kept against the one asked for."""
+    upool = UniformPool(model, pool, scores, budget, flops_seq)
+    reference = target = None
+    if fraction is None:
+        ranked = upool.by_counts()
+    else:
+        reference = budget.reference or layer_cost(model, flops_seq)
+        target = fraction * reference
+        fixed = (0.0, 0.0) if flops_seq else _fixed_cost(model)
+        ranked = upool.by_cost(target, fixed)
+        if not ranked:
+            raise PrunetuneError(
+                f"the budget keeps {fraction:.4g} of the layers' cost, but no uniform shape keeps less than "
+                f"{upool.least(fixed) / reference:.4g} (one KV group and {max(1, budget.round_to)} FFN neurons per "
+                "layer, norms and biases): raise the budget or drop --uniform"
+            )
+        meta.update({"target_cost": target, "reference_cost": reference,
+                     "cost_kind": "flops" if flops_seq else "params"})
+    for cand in ranked[:UNIFORM_TRIES]:
+        plan = _build(model, family, Choice(cand.units, cand.hidden, cand.shape.hidden / pool.hidden_now, []), meta)
+        kept = planned_cost(model, plan, flops_seq)
+        if target is None or kept <= target * (1 + 1e-9):
+            shape = cand.shape
+            info = describe(shape, upool.stock(shape.kv, shape.per_group, shape.hidden))
+            info["round_to"] = max(1, budget.round_to)
+            if target is not None:
+                meta.update({"estimated_cost": cand.cost, "kept_cost": kept})
+                info.update({"target_fraction": fraction, "kept_fraction": kept / reference})
+            meta["uniform"] = info
+            return plan
+    raise PrunetuneError("--uniform: no uniform shape's measured cost holds the budget (the cost model and the "
+                         "model disagree); raise the budget")
 
 
 def dropped(model: nn.Module, plan: PruningPlan) -> dict:

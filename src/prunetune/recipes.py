@@ -105,7 +105,8 @@ def _run_prune_lora(cfg, model, train_loader, evaluate, context, sample_loader) 
     # every rank scores the same sample; the main rank's scores decide (GPU kernels need not agree to the bit)
     scores = context.runtime.broadcast(compute(model, sample_loader, "head_grad"))
     heads_keep = cfg.budget.heads_keep if cfg.budget.heads_keep is not None else PRUNE_LORA_HEADS_KEEP
-    plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.budget.neurons_keep),
+    plan = select(model, scores, Budget(heads_keep=heads_keep, neurons_keep=cfg.budget.neurons_keep,
+                                        uniform=cfg.budget.uniform, round_to=cfg.budget.round_to),
                   normalize="per_layer")
     apply_plan(model, plan)
     own_storage(model)  # let the dense checkpoint's mapping go: its pages would stay resident

@@ -58,6 +58,9 @@ class Budget:
     prune_hidden: bool = False  # let keep_params / keep_flops remove hidden dims too, ranked with the rest
     # see GRANULARITIES; None: "units", or "layers" for scores that score whole layers only (block_influence)
     granularity: Granularity | None = None
+    # the same numbers of query heads, KV heads and FFN neurons in every layer (which ones may differ), so that a
+    # stock config describes the result (see uniform.py)
+    uniform: bool = False
 
     def check(self) -> None:
         for name in ("keep_params", "keep_flops", "hidden_keep"):
@@ -81,6 +84,9 @@ class Budget:
             raise PrunetuneError("give either --hidden-keep (a fixed count) or hidden pruning by the budget, not both")
         if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise PrunetuneError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
+        if self.uniform and self.granularity not in (None, "units"):
+            raise PrunetuneError(f"--uniform keeps every layer (a stock config has one layer shape), so it cannot be "
+                                 f"combined with granularity {self.granularity!r}")
         if self.granularity not in (None, "units"):
             if self.keep_params is None and self.keep_flops is None:
                 raise PrunetuneError(f"granularity {self.granularity!r} removes whole blocks or layers under a cost "
@@ -122,17 +128,27 @@ def _l2(values: list[float]) -> list[float]:
     return [v / norm for v in values]
 
 
-def _per_kind(units: list[Unit], scores: list[float] | None = None, total_cost: float | None = None) -> None:
-    """Rescale a kind so an average unit's score equals its cost share (in place; `scores` for hidden dims)."""
+def _per_kind(units: list[Unit], scores: list[float] | None = None, total_cost: float | None = None) -> float:
+    """Rescale a kind so an average unit's score equals its cost share (in place; `scores` for hidden dims).
+    Returns the factor applied."""
     total_s = sum(u.score for u in units) if scores is None else sum(scores)
     total_c = sum(u.cost_const + u.cost_hidden for u in units) if total_cost is None else total_cost
     if total_s <= 0 or total_c <= 0:
-        return
+        return 1.0
     if scores is None:
         for u in units:
             u.score = u.score / total_s * total_c
     else:
         scores[:] = [v / total_s * total_c for v in scores]
+    return total_c / total_s
+
+
+def site_scores(scores, site, per_layer: bool) -> list[float]:
+    """An attention site's head scores (or a layer's neuron scores, for an FFN site), L2-normalised per layer when
+    asked; structures the scores do not cover score 1."""
+    table, n = (scores.heads, site.num_heads) if hasattr(site, "num_heads") else (scores.neurons, site.width)
+    s = list(table.get(site.key, [1.0] * n))
+    return _l2(s) if per_layer else s
 
 
 def _head_chains(model: nn.Module, scores, gqa: str, flops_seq: int | None, per_layer: bool) -> list[list[Unit]]:
@@ -141,9 +157,7 @@ def _head_chains(model: nn.Module, scores, gqa: str, flops_seq: int | None, per_
         for site in lay.attentions.values():
             if not site.num_heads:
                 continue
-            s = list(scores.heads.get(site.key, [1.0] * site.num_heads))
-            if per_layer:
-                s = _l2(s)
+            s = site_scores(scores, site, per_layer)
             # costs are linear in the hidden scale: (constant part, hidden-scaled part)
             (q0, kv0), (q_all, kv_all) = head_costs(site, 0.0, flops_seq), head_costs(site, 1.0, flops_seq)
             q1, kv1 = q_all - q0, kv_all - kv0
@@ -179,9 +193,7 @@ def _neuron_chains(model: nn.Module, scores, round_to: int, flops_seq: int | Non
         n = lay.ffn.width
         if not n:
             continue
-        s = list(scores.neurons.get(lay.key, [1.0] * n))
-        if per_layer:
-            s = _l2(s)
+        s = site_scores(scores, lay.ffn, per_layer)
         c0 = neuron_cost(lay.ffn, 0.0, flops_seq)
         c1 = neuron_cost(lay.ffn, 1.0, flops_seq) - c0
         order = sorted(range(n), key=lambda i: -s[i])
@@ -231,13 +243,15 @@ class Pool:
         self.total_neurons = sum(lay.ffn.width for lay in layer_sites(model))
         self.hidden_now = hidden_size(model)
         self.hidden_scores: list[float] | None = None
+        self._hidden_normalized = False
         if scores.hidden is not None or budget.hidden_keep is not None:
             self.hidden_scores = list(scores.hidden or [1.0] * self.hidden_now)
         self.head_units = [u for c in self.head_chains for u in c]
         self.neuron_units = [u for c in self.neuron_chains for u in c]
+        self.factors = {"heads": 1.0, "neurons": 1.0}  # what per-kind normalisation multiplied each kind by
         if mode != "none":
-            for kind in (self.head_units, self.neuron_units):
-                _per_kind(kind)
+            for name, kind in (("heads", self.head_units), ("neurons", self.neuron_units)):
+                self.factors[name] = _per_kind(kind)
         # whole blocks and layers: per layer, its units with what keeping each block and the layer is worth
         self.groups: list[Group] = []
         if granularity != "units":
@@ -305,9 +319,7 @@ class Pool:
             if self.hidden_scores is None:
                 raise PrunetuneError("pruning hidden dims needs hidden-dim scores: score with hidden=True")
             fewest = min(step, self.hidden_now)
-            if self.mode != "none":  # a hidden dim owns the hidden side of everything (see Unit)
-                owned = sum(u.cost_hidden for u in self.head_units + self.neuron_units) + per_dim * self.hidden_now
-                _per_kind([], self.hidden_scores, owned)
+            self.normalize_hidden(per_dim)
         else:
             hidden = self._hidden_by_count()
             fewest = len(hidden) if hidden else self.hidden_now
@@ -326,6 +338,14 @@ class Pool:
         if not self.budget.prune_hidden:
             return self._fill(fewest, target - floor(fewest), required, free)
         return self._search_hidden(target, floor, required, free, fewest, step)
+
+    def normalize_hidden(self, per_dim: float) -> None:
+        """Put hidden-dim scores on their cost share when kinds are normalised (once)."""
+        if self.mode != "none" and not self._hidden_normalized:
+            # a hidden dim owns the hidden side of everything (see Unit)
+            owned = sum(u.cost_hidden for u in self.head_units + self.neuron_units) + per_dim * self.hidden_now
+            _per_kind([], self.hidden_scores, owned)
+            self._hidden_normalized = True
 
     def _fill(self, h: int, capacity: float, required: list[Unit], free: list[list[Unit]]) -> Choice:
         scale = h / self.hidden_now
