@@ -101,14 +101,17 @@ def instruction_split(tokenizer, args) -> tuple[list[dict], list[dict]]:
     The calibration sample comes from the train part, so the instruction hold-out the recovery is scored on
     is never seen while pruning.
     """
-    from prunetune.instruct import InstructTask
+    from prunetune import tasks
 
-    return InstructTask()._split(tokenizer, args.data, args.eval_limit, args.seed)
+    task = tasks.get("instruct")
+    train = task.read("train", args.data, seed=args.seed)
+    held_out = task.read("dev", args.data, limit=args.eval_limit, seed=args.seed)
+    return list(train.dataset), list(held_out.dataset)
 
 
 def calibration_batches(tokenizer, records: list[dict], max_length: int, batch_size: int) -> list[dict]:
     """Prompt (chat template when there is one) + response + end token, labels on every real token."""
-    from prunetune.instruct import collate, render_prompt
+    from prunetune.tasks.instruct import collate, render_prompt
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     feats = []
@@ -122,7 +125,7 @@ def calibration_batches(tokenizer, records: list[dict], max_length: int, batch_s
 
 def article_batches(tokenizer, path: str, n: int, length: int, batch_size: int) -> list[dict]:
     """The first `length` tokens of each of the first `n` articles, every token scored."""
-    from prunetune.instruct import collate
+    from prunetune.tasks.instruct import collate
 
     rows = []
     with open(path) as f:
@@ -262,12 +265,12 @@ def _import_model_code(location: str) -> None:
 def run_row(args) -> dict:
     """One row in this process: load, prune, measure (or prune and recover). Returns the JSON-able result."""
     import transformers
-    from prunetune.instruct import perplexity
 
     from prunetune.bench import MemoryMeter, usable_cores
     from prunetune.models import load_tokenizer, resolve
     from prunetune.plan import layer_param_count
     from prunetune.surgery import own_storage
+    from prunetune.tasks.instruct import perplexity
 
     stage = Stage(Path(args.row_out).with_suffix(".stage"))
     threads = args.threads or usable_cores()
@@ -325,12 +328,11 @@ def run_row(args) -> dict:
 
 def recover(model: nn.Module, tokenizer, articles: list[dict], args, meter, stage: Stage) -> dict:
     """The short LoRA recovery of benchmarks/llama_instruct.py, through prunetune's Python API."""
-    from prunetune.instruct import InstructTask, perplexity
+    from prunetune import adapters, tasks
+    from prunetune.tasks.instruct import perplexity
+    from prunetune.train import RunContext, TrainConfig, fit, seed_everything
 
-    from prunetune import adapters
-    from prunetune.train import TrainConfig, fit, seed_everything
-
-    task = InstructTask()
+    task = tasks.get("instruct")
     loaders = task.loaders(tokenizer, data=args.data, train_limit=args.train_limit, eval_limit=args.eval_limit,
                            samples=1, max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
     stage("instruction perplexity before recovery")
@@ -340,8 +342,9 @@ def recover(model: nn.Module, tokenizer, articles: list[dict], args, meter, stag
     _, trainable = adapters.count_parameters(peft_model)
     meter.reset_peak()
     stage("LoRA recovery")
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, progress=False)
-    fit_result = fit(peft_model, loaders.train, lambda m: task.evaluate(m, loaders.dev), cfg)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    # the task's evaluation knows perplexity is better lower: the best evaluation is the lowest
+    fit_result = fit(peft_model, loaders.train, task.evaluation(loaders.dev), cfg, context=RunContext(progress=False))
     train_peak = meter.read()
     after = fit_result.best["perplexity"] if fit_result.best else task.evaluate(peft_model, loaders.dev)["perplexity"]
     merged = adapters.merge(peft_model)
