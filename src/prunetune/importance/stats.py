@@ -156,6 +156,10 @@ class ActivationStats:
                 self.salience[k] = v if self.ema is not None else self.salience.get(k, 0) + v
         self._step, self._sums = {}, {}
 
+    def skip(self) -> None:
+        """Drop this step's signal (APT's salience warm-up)."""
+        self._step, self._sums = {}, {}
+
     def reset(self) -> None:
         self.salience, self._step, self._sums = {}, {}, {}
 
