@@ -213,6 +213,11 @@ def lora_rank(layer: nn.Module) -> int:
     return layer.lora_A[ADAPTER].weight.shape[0]
 
 
+def lora_weights(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """(A, B) of a LoRA layer: A is (rank, in), B is (out, rank); the update is B @ A x scaling."""
+    return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+
+
 def shape_fingerprint(model: nn.Module) -> dict[str, list[int]]:
     """Shapes of the base weights, so an adapter is only ever loaded onto the base it was trained on."""
     top = unwrap(model)

@@ -1,30 +1,31 @@
 """APT (Zhao, Hajishirzi, Cao, ICML 2024): adaptive pruning and tuning during fine-tuning, done properly.
 
-During LoRA training, hooks collect |activation x gradient| salience of heads, FFN neurons (and hidden
-dims) on the ordinary backward pass, smoothed by an exponential moving average. At a few steps early
-in training (a cubic schedule: much at first, less later) the engine's selection picks what to keep
-and the surgery removes the rest at once, so every later step runs on the smaller model; the
-optimizer's state is sliced, not reset. After each pruning step the most salient adapters grow in rank
-(new directions start at zero, so the function does not move). A self-distillation teacher shares all
-frozen weights with the student and keeps only its own copy of the adapters, norms and head.
+As its authors run it, with the deviations README.md lists. During LoRA training, after a warm-up, hooks
+collect APT's salience of heads, FFN neurons (and hidden dims) on the ordinary backward pass, per channel
+(sum |a|) x (sum |dL/da|), smoothed by an exponential moving average. At a few steps early in training (a cubic
+schedule: much at first, less later) the engine's selection picks what to keep; the structures to go fade out
+over the steps before (softmask.py) and the surgery then removes them, so every later step runs on the smaller
+model; the optimizer's state is sliced, not reset. After each pruning step the adapters with the most salience
+of their own grow in rank, the total paced to 4x by the last pruning step (growth.py; new directions start at
+zero, so the function does not move). Self-momentum distillation (distill.py) is on by default: a teacher that
+shares every frozen weight with the student and keeps its own moving average of the trainable tensors.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field, replace
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunetune import adapters
 from prunetune.config import AptOptions, RunConfig, target_budget, targets_for
-from prunetune.families import layer_sites, unwrap
+from prunetune.distill import Distiller
+from prunetune.families import unwrap
+from prunetune.growth import GROWTH, AdapterSalience
 from prunetune.importance import ActivationStats, compute
-from prunetune.optim import _transform
 from prunetune.plan import Budget, PruningPlan, layer_cost, model_info, select
 from prunetune.runtime import Runtime
+from prunetune.softmask import SoftMaskDecay, decay_windows
 from prunetune.structure import Change
 from prunetune.surgery import SliceLog, apply_plan, own_storage
 from prunetune.train import RunContext, TrainHook, fit
@@ -103,88 +104,13 @@ def plot_timeline(rows: list[dict], evals: list[dict], path, metric: str = "main
     plt.close(fig)
 
 
-def _layer_states(outputs) -> tuple:
-    """Hidden states for the layer-mapping loss, aligned with the batch's attention mask.
-
-    Fix: encoder-decoder outputs (T5) have no ``hidden_states`` (they carry ``encoder_hidden_states`` and
-    ``decoder_hidden_states``), so distillation raised AttributeError at the first step after the first
-    evaluation; the encoder's states are the ones the attention mask describes.
-    """
-    states = getattr(outputs, "hidden_states", None)
-    return states if states is not None else outputs.encoder_hidden_states
-
-
-class SelfDistiller:
-    """Teacher = the student at its best evaluation, sharing every frozen weight (no second backbone).
-
-    The teacher keeps a private copy of the trainable tensors only (adapters, norms, head). Because it
-    shares the student's pruned structure, their hidden states live in the same space and the layer
-    mapping is the identity; APT needs a learned mapping only because its teacher keeps the dense width.
-    """
-
-    def __init__(self, cfg: AptOptions):
-        self.cfg = cfg
-        self.teacher: dict[str, torch.Tensor] | None = None
-
-    def snapshot(self, model: nn.Module) -> None:
-        self.teacher = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    def memory_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in (self.teacher or {}).values())
-
-    def follow_surgery(self, model: nn.Module, before: dict[str, nn.Parameter], log: SliceLog) -> None:
-        """Slice (or grow) the teacher's private tensors exactly as the student's were; drop removed ones."""
-        if self.teacher is None:
-            return
-        now = dict(model.named_parameters())
-        for name, value in list(self.teacher.items()):
-            entry = log.lineage.get(id(before.get(name)))
-            if entry is not None:
-                value = _transform(value, entry[2])
-            if name in now and now[name].shape == value.shape:
-                self.teacher[name] = value
-            else:  # its module went with a fully pruned block
-                del self.teacher[name]
-
-    @torch.no_grad()
-    def teacher_outputs(self, model: nn.Module, batch: dict):
-        # functional_call swaps the teacher's tensors in for this call only: nothing of the student's graph
-        # is modified in place, and the frozen weights are the very same tensors.
-        from torch.func import functional_call
-
-        was_training = model.training
-        model.eval()  # the teacher's targets carry no dropout noise
-        try:
-            return functional_call(model, self.teacher, args=(), kwargs={**batch, "output_hidden_states": True},
-                                   strict=False)
-        finally:
-            model.train(was_training)
-
-    def loss(self, model: nn.Module, batch: dict, student, task_loss: torch.Tensor) -> torch.Tensor:
-        if self.teacher is None:
-            return task_loss
-        teacher = self.teacher_outputs(model, batch)
-        t = self.cfg.temperature
-        # every prediction of the head: a classifier's or LM's logits, a QA head's start and end logits
-        heads = [k for k in student if k.endswith("logits")]  # a ModelOutput iterates its keys
-        pred = sum(F.kl_div(F.log_softmax(student[k] / t, -1), F.softmax(teacher[k] / t, -1), reduction="batchmean")
-                   for k in heads) * t * t / len(heads)
-        hs_s, hs_t = _layer_states(student), _layer_states(teacher)
-        layers = random.sample(range(1, len(hs_s)), min(self.cfg.distill_layers, len(hs_s) - 1))
-        mask = batch.get("attention_mask")
-        layer_loss = 0.0
-        for i in layers:
-            diff = (hs_s[i] - hs_t[i]).pow(2).mean(-1)
-            layer_loss = layer_loss + ((diff * mask).sum() / mask.sum() if mask is not None else diff.mean())
-        w = self.cfg.distill_weight
-        return (1 - w) * task_loss + w * (pred + layer_loss / max(1, len(layers)))
-
-
 class AptHook(TrainHook):
-    """Salience collection, scheduled pruning, rank growth and self-distillation inside `fit`.
+    """Salience collection, scheduled pruning with soft-mask decay, rank growth and self-distillation inside `fit`.
 
-    The hook decides, `fit` acts: at a scheduled step it asks for a plan (the salience summed over the ranks
-    first, the main rank selecting), then, once the plan is applied, for the adapters to grow.
+    The hook decides, `fit` acts: some steps before a scheduled pruning step the hook chooses its plan (the
+    salience averaged over the ranks, the main rank selecting) and fades the structures it removes
+    (softmask.py); at the pruning step it hands `fit` that plan, and once it is applied, the adapters to grow
+    (growth.py). Salience (of units and of adapters) is collected only after the warm-up.
     """
 
     def __init__(self, model: nn.Module, options: AptOptions, target: Budget, dense_cost: float):
@@ -194,20 +120,26 @@ class AptHook(TrainHook):
         self.target = target
         self.keep = target_keep(target)
         self.reference = dense_cost
+        self.model = model
         self.schedule: dict[int, float] = {}  # set by start(), from the run's step count
+        self.warmup = 0  # steps before salience is collected (set by start())
+        self.decide_at: dict[int, int] = {}  # step a plan is chosen at -> the pruning step that applies it
+        self.steps_done = 0
         self.runtime = Runtime.single()
         self.stats = ActivationStats(unwrap(model), hidden=options.prune_hidden, ema=options.ema,
                                      signal=options.signal)
+        self.adapter_salience = AdapterSalience(options.ema)
+        self.decay = SoftMaskDecay()
         layers = adapters.lora_layers(model)
         self.start_rank = {n: adapters.lora_rank(m) for n, m in layers.items()}
-        self.start_lora_params = self._lora_params(model)
+        self.start_lora_params = self.lora_params(model)
         self.timeline = Timeline()
         self.timeline.add(0, model)
-        self.distiller = SelfDistiller(options) if options.distill else None
+        self.distiller = Distiller(options) if options.distill else None
         self.eval_history: list[dict] = []
 
     @staticmethod
-    def _lora_params(model: nn.Module) -> int:
+    def lora_params(model: nn.Module) -> int:
         return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
     def budget(self, keep: float) -> Budget:
@@ -219,6 +151,13 @@ class AptHook(TrainHook):
     def start(self, total: int, runtime: Runtime) -> None:
         self.schedule = cubic_schedule(self.cfg, self.keep, total)
         self.runtime = runtime
+        first = min(self.schedule, default=total + 1)
+        # at least one step of salience before the first plan
+        self.warmup = min(round(self.cfg.salience_warmup * total), max(0, first - 1))
+        windows = decay_windows(list(self.schedule), self.warmup, self.cfg.mask_decay)
+        self.decide_at = {d: s for s, d in windows.items() if d < s}
+        if self.distiller is not None and self.schedule:
+            self.distiller.window = (min(windows.values()), max(self.schedule))
 
     def forward_kwargs(self) -> dict:
         return {"output_hidden_states": True} if self.distiller and self.distiller.teacher is not None else {}
@@ -230,23 +169,47 @@ class AptHook(TrainHook):
 
     def after_eval(self, step, metrics, model, is_best):
         self.eval_history.append({"step": step, **metrics})
-        if is_best and self.distiller is not None:
-            self.distiller.snapshot(model)
+        if self.distiller is not None:
+            self.distiller.after_eval(model, is_best)
 
     def gradient_scale(self, scale: float) -> None:
         self.stats.unscale_step(scale)
+        if self.distiller is not None:
+            self.distiller.scale = scale
 
-    def after_step(self, step: int, model: nn.Module) -> Change | None:
-        self.stats.step()
-        if step not in self.schedule:
-            return None
+    def before_optimizer_step(self, step: int, model: nn.Module, optimizer) -> None:
+        if step > self.warmup and self.cfg.growth == "adapter":
+            self.adapter_salience.observe(model)
+        if self.distiller is not None:
+            self.distiller.before_optimizer_step(optimizer, self.runtime)
+
+    def _plan(self, model: nn.Module, keep: float) -> PruningPlan:
+        """The main rank's plan for keeping `keep`, on every rank."""
         # every rank saw its own share of the batch: the mean over ranks is the salience of the whole batch (the
         # moving average is linear, so averaging only now equals averaging every step)
         self.stats.salience = self.runtime.mean(self.stats.salience)
+        plan = select(model, self.stats.to_scores(), self.budget(keep)) if self.runtime.is_main else None
+        return PruningPlan.from_dict(self.runtime.broadcast(plan.to_dict() if plan is not None else None))
+
+    def after_step(self, step: int, model: nn.Module) -> Change | None:
+        self.steps_done = step
+        if step > self.warmup:
+            self.stats.step(self.runtime)
+        else:
+            self.stats.skip()
+        if self.distiller is not None:
+            self.distiller.after_step(step, model)
+        if self.decay.active:
+            self.decay.set_for(step)
+        if step in self.decide_at:  # choose the next plan now; its structures fade until it is applied
+            removal = self.decide_at[step]
+            self.decay.begin(model, self._plan(model, self.schedule[removal]), step, removal)
+            self.stats.rehook(unwrap(model))  # after the masks: the salience reads what the loss sees
+            return None
+        if step not in self.schedule:
+            return None
         keep = self.schedule[step]
-        if not self.runtime.is_main:
-            return Change(note={"target_keep": keep})  # the main rank's plan comes instead
-        plan = select(model, self.stats.to_scores(), self.budget(keep))
+        plan = self.decay.finish() if self.decay.active else self._plan(model, keep)
         return Change(plan=plan, note={"target_keep": keep})
 
     def after_change(self, step: int, change: Change, model: nn.Module, log: SliceLog, before: dict) -> Change | None:
@@ -254,55 +217,37 @@ class AptHook(TrainHook):
             self.stats.follow_plan(change.plan)
             self.stats.rehook(unwrap(model))
         if self.distiller is not None:
-            self.distiller.follow_surgery(model, before, log)
+            self.distiller.follow_surgery(model, before, log, change.plan.hidden if change.plan else None)
         keep = change.note.get("target_keep")
         self.timeline.add(step, model, target_keep=keep, grown_adapters=len(change.ranks))
         if change.plan is None:
             return None
         # after pruning, the most salient adapters grow (new directions start at zero: the function is unchanged)
-        return Change(ranks=self._growth(model) if self.runtime.is_main else {}, note={"target_keep": keep})
-
-    def _growth(self, model: nn.Module) -> dict[str, int]:
-        """The new ranks of the most salient adapters (by their layer's head salience), within the tuning budget."""
-        layers = adapters.lora_layers(model)
-        if not layers:
-            return {}
-        lora_ids = {id(x) for x in layers.values()}
-        layer_of = {id(m): lay.key for lay in layer_sites(model) for m in lay.module.modules() if id(m) in lora_ids}
-        sal = {}
-        for key, v in self.stats.salience.items():
-            if "/" in key:
-                sal[key.split("/")[0]] = sal.get(key.split("/")[0], 0.0) + float(v.sum())
-        ranked = sorted(layers.items(), key=lambda kv: -sal.get(layer_of.get(id(kv[1]), ""), 0.0))
-        ranked = ranked[: max(1, int(len(ranked) * self.cfg.grow_fraction))]
-        budget = self.cfg.tuning_budget * self.start_lora_params
-        lora_params, out = self._lora_params(model), {}
-        for name, layer in ranked:
-            r0 = self.start_rank.get(name, adapters.lora_rank(layer))
-            new_r = min(adapters.lora_rank(layer) + r0, self.cfg.max_rank_mult * r0)
-            a, b = layer.lora_A[adapters.ADAPTER].weight, layer.lora_B[adapters.ADAPTER].weight
-            extra = (new_r - a.shape[0]) * (a.shape[1] + b.shape[0])
-            if extra <= 0 or lora_params + extra > budget:
-                continue
-            out[name] = new_r
-            lora_params += extra
-        return out
+        ranks = GROWTH[self.cfg.growth](self, model, step) if self.runtime.is_main else {}
+        return Change(ranks=ranks, note={"target_keep": keep})
 
     def state_dict(self) -> dict:
         return {"salience": dict(self.stats.salience), "timeline": self.timeline.rows,
-                "eval_history": self.eval_history,
-                "teacher": self.distiller.teacher if self.distiller is not None else None}
+                "eval_history": self.eval_history, "steps_done": self.steps_done,
+                "adapter_salience": dict(self.adapter_salience.rows), "decay": self.decay.state_dict(),
+                "distiller": self.distiller.state_dict() if self.distiller is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.runtime.device
         self.stats.salience = {k: v.to(device) for k, v in state["salience"].items()}
         self.timeline.rows = list(state["timeline"])
         self.eval_history = list(state["eval_history"])
-        if self.distiller is not None and state["teacher"] is not None:
-            self.distiller.teacher = {k: v.to(device) for k, v in state["teacher"].items()}
+        self.steps_done = int(state["steps_done"])
+        self.adapter_salience.rows = dict(state["adapter_salience"])
+        self.decay.load_state_dict(state["decay"], self.model, self.steps_done)
+        if self.decay.active:
+            self.stats.rehook(unwrap(self.model))
+        if self.distiller is not None and state["distiller"] is not None:
+            self.distiller.load_state_dict(state["distiller"], device)
 
     def close(self) -> None:
         self.stats.remove()
+        self.decay.remove()
 
 
 def plan_before_training(model: nn.Module, sample_loader, target: Budget, options: AptOptions,
@@ -347,6 +292,8 @@ def run_apt(cfg: RunConfig, model: nn.Module, train_loader, evaluate, context: R
         "trainable_params_end": trainable_end,
         "schedule": {str(k): v for k, v in hook.schedule.items()},
         "distill": options.distill,
+        # the teacher's private tensors and the layer map with its moments; the teacher's forward, per step
         "teacher_mem_mb": (hook.distiller.memory_bytes() / 2**20) if hook.distiller else 0.0,
+        "distill_time_s": hook.distiller.time_s if hook.distiller else 0.0,
     })
     return MethodResult(peft_model, res, trainable, None, extra)

@@ -34,6 +34,8 @@ PRUNE_LORA_HEADS_KEEP = 100 / 144  # the Pruning-Adapter paper's setting: 100 of
 LORA_TARGETS = ("attention", "ffn-in", "all")  # adapters.LORA_TARGETS (kept here so the CLI needs no torch import)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SIGNALS = ("salience", "apt", "fisher")  # importance.ActivationStats.SIGNALS
+DISTILL_TEACHERS = ("momentum", "best")  # distill.TEACHERS
+GROWTHS = ("adapter", "layer")  # growth.GROWTH
 # lora-prune trains twice with a pruning step between, outside the loop: its checkpoints could not resume the
 # second phase, so it refuses checkpointing (see RuntimeOptions)
 NO_CHECKPOINTS = ("lora-prune",)
@@ -58,9 +60,10 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     **dict.fromkeys(("heads_keep", "neurons_keep"), (
         lambda v: _finite(v) and v > 0 and (v <= 1 or v == int(v)), "in (0, 1] or a whole count")),
     "dev_fraction": (lambda v: _finite(v) and 0 < v < 1, "in (0, 1)"),
-    **dict.fromkeys(("prune_start", "prune_end", "grow_fraction", "distill_weight", "warmup_ratio"),
+    **dict.fromkeys(("prune_start", "prune_end", "grow_fraction", "distill_weight", "warmup_ratio",
+                     "salience_warmup"),
                     (lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]")),
-    "ema": (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    **dict.fromkeys(("ema", "mask_decay", "teacher_momentum"), (lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)")),
     "tuning_budget": (lambda v: _finite(v) and v >= 1, "a finite number >= 1"),
     **dict.fromkeys(("weight_decay", "max_grad_norm"), (lambda v: _finite(v) and v >= 0, "a finite number >= 0")),
 }
@@ -170,8 +173,14 @@ _APT = ("apt",)
 class AptOptions(_Part):
     """APT: salience-driven pruning during training on a cubic schedule, rank growth, self-distillation."""
 
-    distill: bool = _opt(False, "self-distillation from the best evaluation so far (needs --eval-every)",
+    # APT as its authors run it (each piece measured in benchmarks/README.md; see README "APT's pieces")
+    distill: bool = _opt(True, "self-distillation during pruning (teacher: --distill-teacher; APT's default)",
                          methods=_APT, negatable=True)
+    distill_teacher: str = _opt("momentum", "momentum: the student's own weights, averaged (--teacher-momentum) from "
+                                            "the first pruning step on; best: the student at its best evaluation "
+                                            "(needs --eval-every)", methods=_APT, choices=DISTILL_TEACHERS)
+    teacher_momentum: float = _opt(0.99, "the momentum teacher's average: teacher = m teacher + (1 - m) student "
+                                         "after every step once pruning started", methods=_APT)
     prune_before_training: bool = _opt(False, "prune once on a calibration sample, then tune", methods=_APT)
     scorer: str | None = _opt(None, "the importance scorer of --prune-before-training (default salience_kurtosis)",
                               methods=_APT)
@@ -180,17 +189,31 @@ class AptOptions(_Part):
     # from 20% to 60% 80.6 (benchmarks/README.md); the memory peak is the first steps' either way.
     prune_start: float = _opt(0.2, "fraction of training before the first pruning step", methods=_APT)
     prune_end: float = _opt(0.6, "fraction of training by which the target is reached", methods=_APT)
+    salience_warmup: float = _opt(0.1, "fraction of training before salience is collected (the adapters' first "
+                                       "steps say little about what matters); ends a step before the first plan "
+                                       "at the latest", methods=_APT)
+    mask_decay: float = _opt(0.5, "share of the steps before each pruning step over which the structures it removes "
+                                  "fade out (masks 1 -> 0; 0: removed at once)", methods=_APT)
     ema: float = _opt(0.85, "smoothing of the salience across steps", methods=_APT)
-    signal: str = _opt("salience", "salience (APT: |a x g|), apt (APT's code) or fisher (squared per-example mask "
-                                   "gradient, Kwon et al.)", methods=_APT, choices=SIGNALS)
-    grow_fraction: float = _opt(0.5, "share of the adapters (the most salient) that grow at each pruning step",
+    signal: str = _opt("apt", "apt (APT's code: per channel (sum |a|) x (sum |dL/da|)), salience (|a x g|) or "
+                              "fisher (squared per-example mask gradient, Kwon et al.)", methods=_APT, choices=SIGNALS)
+    growth: str = _opt("adapter", "which adapters grow: adapter (by their own salience |sum A x dL/dA| per rank row, "
+                                  "the total rank paced linearly to --tuning-budget by the last pruning step) or layer "
+                                  "(by their layer's head salience, --grow-fraction of them, --tuning-budget caps LoRA "
+                                  "parameters)", methods=_APT, choices=GROWTHS)
+    grow_fraction: float = _opt(0.5, "growth=layer: share of the adapters (the most salient) that grow at each "
+                                     "pruning step", methods=_APT)
+    tuning_budget: float = _opt(4.0, "growth=adapter: the total LoRA rank reaches this multiple of the start by the "
+                                     "last pruning step; growth=layer: LoRA parameters may grow to this multiple",
                                 methods=_APT)
-    tuning_budget: float = _opt(4.0, "LoRA parameters may grow to this multiple of the start", methods=_APT)
     max_rank_mult: int = _opt(8, "an adapter's rank is capped at this multiple of its start", methods=_APT)
     prune_hidden: bool = _opt(False, "also prune hidden dims, ranked with heads and neurons", methods=_APT)
-    # distillation is off by default: no accuracy gain in one-epoch runs, and ~1.5x the time
-    distill_weight: float = _opt(0.5, "loss = (1 - w) task + w (prediction + layer) distillation", methods=_APT)
-    distill_layers: int = _opt(4, "layer pairs sampled per step for the layer-mapping loss", methods=_APT)
+    distill_weight: float = _opt(1.0, "loss = (1 - w) task + w distillation, w ramped from 0 at the first pruning "
+                                      "step to this at the last (see --distill-ramp)", methods=_APT)
+    distill_ramp: bool = _opt(True, "ramp the distillation weight over the pruning window (off: w from the start)",
+                              methods=_APT, negatable=True)
+    distill_layers: int = _opt(4, "layer blocks of the layer-mapping loss: one layer sampled per block and step",
+                               methods=_APT)
     temperature: float = _opt(2.0, "distillation temperature", methods=_APT)
 
     def __post_init__(self) -> None:
@@ -364,6 +387,9 @@ class RunConfig:
                 raise PrunetuneError(f"{flag(name)} needs {flag(needed)}" + (
                     f" with --method {method}" if method != "*" else ""))
         check_numbers({n: values[n] for n, (part, _) in LEAVES.items() if part is None})
+        if (self.method == "apt" and self.apt.distill and self.apt.distill_teacher == "best"
+                and not self.training.eval_every):  # evaluations at epoch ends only: the teacher comes too late
+            raise PrunetuneError("--distill-teacher best needs --eval-every")
         if self.runtime.resume is not None and self.runtime.checkpoint_dir is not None:
             raise PrunetuneError("--resume DIR is where the run's checkpoints are and go on: drop --checkpoint-dir")
 
@@ -440,7 +466,6 @@ def options_for(method: str) -> frozenset[str]:
 REQUIRES: dict[tuple[str, str], str] = {
     ("apt", "scorer"): "prune_before_training",  # the scorer of the one pruning step before training
     ("apt", "samples"): "prune_before_training",  # its calibration sample; APT's own salience needs none
-    ("apt", "distill"): "eval_every",  # the teacher is the best evaluation so far: at epoch ends only, too late
     ("*", "keep_checkpoints"): "save_every",
     ("*", "checkpoint_dir"): "save_every",
 }

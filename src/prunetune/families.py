@@ -482,6 +482,12 @@ def layer_sites(model: nn.Module) -> list[LayerSites]:
     return out
 
 
+def predicts_next_token(model: nn.Module) -> bool:
+    """A decoder-only family: per-token logits at position t score the token at t + 1 (labels are not shifted)."""
+    stacks = family_of(unwrap(model)).stacks
+    return len(stacks) == 1 and stacks[0].name == "decoder"
+
+
 def hidden_size(model: nn.Module) -> int:
     """The live width of the hidden stream (the first embedding's last dim)."""
     fam = family_of(unwrap(model))

@@ -99,6 +99,11 @@ class TrainHook:
         """Before an optimizer step under fp16: its gradients are of the loss times `scale` (the gradient scaler's),
         and are not finite when the step overflowed (the scaler then skips it)."""
 
+    def before_optimizer_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Before optimizer step `step`: the step's gradients are in `.grad` (unscaled, reduced over the ranks,
+        clipped); what the hook itself trains outside the model (a distillation map) steps here at the
+        optimizer's current learning rate."""
+
     def after_step(self, step: int, model: nn.Module) -> Change | None:
         """After each optimizer step: a structure change to apply now, or None. Under data parallelism every rank
         must return a Change at the same steps; the main rank's is applied everywhere."""
@@ -333,6 +338,10 @@ class _Loop:
         if self.cfg.max_grad_norm:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        # after clipping, where transformers' Trainer calls its callbacks too: hooks read the gradients the
+        # optimizer steps on, so the Trainer callback (integrations) and fit see the same ones
+        for h in self.hooks:
+            h.before_optimizer_step(self.state.step + 1, self.model, optimizer)
         if scaler:
             scaler.step(optimizer)
             scaler.update()

@@ -40,6 +40,11 @@ class ActivationStats:
         self.means = means
         self.salience: dict[str, torch.Tensor] = {}
         self._step: dict[str, torch.Tensor] = {}
+        # APT's signal is a product of two sums over the step's tokens, (sum |a|) x (sum |dL/da|), per unit (per
+        # head dimension for heads): the two sums are kept apart until the step ends, so that micro-batches and
+        # ranks add up to the product of the whole batch's sums, as one process with the whole batch gives
+        self._act: dict[str, torch.Tensor] = {}
+        self._grad: dict[str, torch.Tensor] = {}
         self._sums: dict[str, tuple[int, torch.Tensor]] = {}
         self._handles = []
         self.hidden = hidden
@@ -55,8 +60,8 @@ class ActivationStats:
             if lay.ffn.width:
                 self._handles.append(lay.ffn.output.register_forward_pre_hook(self._pre("ffn:" + lay.key, None)))
         if self.hidden:
-            for norm in all_norms(model):
-                self._handles.append(norm.register_forward_hook(self._post("hidden")))
+            for i, norm in enumerate(all_norms(model)):
+                self._handles.append(norm.register_forward_hook(self._post("hidden", f"hidden#{i}")))
 
     def follow_plan(self, plan) -> None:
         """Keep the smoothed salience of the structures a plan keeps, at their new positions."""
@@ -74,7 +79,7 @@ class ActivationStats:
     def _add(self, store: dict, key: str, value: torch.Tensor) -> None:
         store[key] = store[key] + value if key in store else value
 
-    def _observe(self, key: str, x: torch.Tensor, heads: int | None) -> None:
+    def _observe(self, key: str, x: torch.Tensor, heads: int | None, site: str | None = None) -> None:
         batch = x.shape[0] if x.dim() > 2 else 1
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         if self.means:
@@ -87,9 +92,9 @@ class ActivationStats:
 
             def grad_hook(g, flat=flat, key=key, heads=heads, batch=batch, act_sum=act_sum):
                 g = g.reshape(flat.shape)
-                if act_sum is not None:
-                    per_dim = act_sum * g.float().abs().sum(0)
-                    self._add(self._step, key, per_dim.sum(-1) if heads else per_dim)
+                if act_sum is not None:  # per site: the hidden dims' product is summed over the norms' outputs
+                    self._add(self._act, site or key, act_sum)
+                    self._add(self._grad, site or key, g.float().abs().sum(0))
                 else:
                     self._add(self._step, key, self._signal(flat, g, heads, batch))
 
@@ -124,9 +129,9 @@ class ActivationStats:
 
         return hook
 
-    def _post(self, key: str):
+    def _post(self, key: str, site: str | None = None):
         def hook(module, args, output):
-            self._observe(key, output, None)
+            self._observe(key, output, None, site)
 
         return hook
 
@@ -142,13 +147,29 @@ class ActivationStats:
         """This step's gradients were of the loss times `scale` (fp16's gradient scaler): divide it out (the fisher
         signal is quadratic in the gradient), or drop the step when they overflowed (the optimizer skips it too)."""
         power = 2 if self.signal == "fisher" else 1
-        if not all(bool(torch.isfinite(v).all()) for v in self._step.values()):
-            self._step = {}
+        if not all(bool(torch.isfinite(v).all()) for v in [*self._step.values(), *self._grad.values()]):
+            self._step, self._act, self._grad = {}, {}, {}
             return
         self._step = {k: v / scale**power for k, v in self._step.items()}
+        self._grad = {k: v / scale for k, v in self._grad.items()}
 
-    def step(self) -> None:
-        """Fold this step's signal in (sum, or exponential moving average when `ema` is set)."""
+    def _fold_products(self, runtime=None) -> None:
+        """APT's products of the step's sums into the step's signal; under data parallelism the activation sums
+        add over the ranks and the gradient sums average (each rank's loss is the mean over its own rows, so its
+        gradients are world_size times those of the whole batch's mean loss)."""
+        act, grad = self._act, self._grad
+        if runtime is not None and runtime.distributed and act:
+            act = {k: v * runtime.world_size for k, v in runtime.mean(act).items()}
+            grad = runtime.mean(grad)
+        for site, a in act.items():
+            per_dim = a * grad[site]
+            self._add(self._step, site.split("#")[0], per_dim.sum(-1) if per_dim.dim() > 1 else per_dim)
+        self._act, self._grad = {}, {}
+
+    def step(self, runtime=None) -> None:
+        """Fold this step's signal in (sum, or exponential moving average when `ema` is set). `runtime` (a
+        prunetune.runtime.Runtime): under data parallelism every rank calls this at the same steps."""
+        self._fold_products(runtime)
         for k, v in self._step.items():
             if self.ema is not None and k in self.salience and self.salience[k].shape == v.shape:
                 self.salience[k] = self.ema * self.salience[k] + (1 - self.ema) * v
@@ -156,8 +177,12 @@ class ActivationStats:
                 self.salience[k] = v if self.ema is not None else self.salience.get(k, 0) + v
         self._step, self._sums = {}, {}
 
+    def skip(self) -> None:
+        """Drop this step's signal (APT's salience warm-up)."""
+        self._step, self._sums, self._act, self._grad = {}, {}, {}, {}
+
     def reset(self) -> None:
-        self.salience, self._step, self._sums = {}, {}, {}
+        self.salience, self._step, self._sums, self._act, self._grad = {}, {}, {}, {}, {}
 
     def remove(self) -> None:
         for h in self._handles:

@@ -75,7 +75,8 @@ class PruningCallback(TrainerCallback):
 
     def __init__(self, budget: Budget, options: AptOptions | None = None, *, calibration: Iterable[dict] | None = None,
                  samples: int = DEFAULT_SAMPLES):
-        options = options or AptOptions()
+        if options is None:  # APT's settings less the distillation a callback cannot add (below)
+            options = AptOptions(distill=False)
         if options.distill:
             warnings.warn("PruningCallback: self-distillation changes the Trainer's loss, which a callback cannot; "
                           "it is off (prunetune finetune --method apt --distill has it)", stacklevel=2)
@@ -168,11 +169,13 @@ class PruningCallback(TrainerCallback):
         self._make_hook(model)
         self.hook.start(state.max_steps, self.runtime)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         # under fp16 the gradients the salience read were of the scaled loss (accelerate's scaler is the optimizer's)
         scaler = getattr(self._optimizer, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             self.hook.gradient_scale(float(scaler.get_scale()))
+        # the Trainer has clipped the gradients by now, as fit has when it calls its hooks here (adapter salience)
+        self.hook.before_optimizer_step(state.global_step + 1, model, _torch_optimizer(self._optimizer))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # after the optimizer and scheduler stepped and the gradients were zeroed, as in fit
