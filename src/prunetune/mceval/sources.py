@@ -6,7 +6,8 @@ file into the fields the stock prompt templates use, so the prompts are the stoc
 - ARC-Challenge test: the official JSONL, as the hub's ``allenai/ai2_arc`` rows (``question`` = the stem,
   ``choices`` = ``{"text", "label"}``, ``answerKey``); its five-choice and numeric-label items are kept.
 - ARC-Easy test, and the ARC training rows few-shot prompts draw from: only the derived 4-option CSV exists
-  (options padded with spaces, stripped here; a fifth option dropped, numeric labels mapped to A-D).
+  (options padded with spaces, stripped here, and the empty fourth option of three-choice questions dropped;
+  a fifth option was dropped and numeric labels mapped to A-D by whoever made the CSV).
 - HellaSwag validation: already preprocessed (``query`` = ``activity_label: ctx``, markup stripped), except that
   ``ctx_b`` is not capitalised as the harness's ``process_docs`` does; there is no training split, so few-shot
   examples come from the validation rows (the harness leaves the scored item out of its own prompt).
@@ -62,8 +63,10 @@ def _arc_csv(root: Path, category: str, sets: str) -> list[dict]:
     with open(_need(root / "arc/ARC-all-splits_4options.csv"), encoding="utf-8", newline="") as f:
         for r in csv.DictReader(f):
             if r["category"] == category and r["sets"] == sets:
+                # three-choice questions carry an empty fourth option: dropped, as the official rows have none
+                kept = [k for k in LETTERS if r[k].strip()]
                 rows.append({"id": r["questionID"], "question": r["question"].strip(),
-                             "choices": {"text": [r[k].strip() for k in LETTERS], "label": list(LETTERS)},
+                             "choices": {"text": [r[k].strip() for k in kept], "label": kept},
                              "answerKey": r["AnswerKey"].strip()})
     return rows
 
