@@ -119,7 +119,8 @@ def test_prompts_are_the_harness_stock_ones(data):
     """doc_to_text/choice/target, metrics and few-shot settings as the installed harness's own task files."""
     keys = ("doc_to_text", "doc_to_choice", "doc_to_target")
     stock = {"arc_challenge": _stock("arc/arc_easy.yaml"), "arc_easy": _stock("arc/arc_easy.yaml"),
-             "hellaswag": _stock("hellaswag/hellaswag.yaml"), "truthfulqa_mc1": _stock("truthfulqa/truthfulqa_mc1.yaml"),
+             "hellaswag": _stock("hellaswag/hellaswag.yaml"),
+             "truthfulqa_mc1": _stock("truthfulqa/truthfulqa_mc1.yaml"),
              "truthfulqa_mc2": {**_stock("truthfulqa/truthfulqa_mc1.yaml"),
                                 **_stock("truthfulqa/truthfulqa_mc2.yaml")},
              "mmlu": _stock("mmlu/default/_default_template_yaml")}
@@ -180,3 +181,33 @@ def test_eval_command_refuses_bad_input_in_one_line(tmp_path, capsys, args, says
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_finetune_instruct_scores_the_merged_export_on_the_benchmarks(data, tokenizer, tmp_path, monkeypatch):
+    """finetune --eval-bench: the report's figures are those of the exported model as `prunetune eval` loads it."""
+    from prunetune import recipes
+    from prunetune.config import RunConfig
+    from prunetune.errors import PrunetuneError
+    from task_data import write_instruct
+
+    monkeypatch.setattr(recipes, "_isolated_inference", lambda task, model_dir, cfg: {
+        "batch32_latency_s": 0.0, "batch32_peak_mem_mb": 0.0, "batch32_seq_len": cfg.max_length})
+    tiny_lm(tokenizer).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    records = write_instruct(tmp_path / "records.json")
+    flags = dict(task="instruct", out=str(tmp_path / "run"), model=str(tmp_path / "m"), data=str(records),
+                 method="lora", batch_size=8, max_length=96, progress=False, eval_bench="arc_easy,truthfulqa_mc2",
+                 eval_bench_limit=2, eval_data=str(data))
+    report = recipes.finetune(RunConfig.from_flags(flags))
+    bench = report["benchmarks"]
+    assert set(bench["benchmarks"]) == {"arc_easy", "truthfulqa_mc2"} and bench["limit"] == 2
+    export = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    again = evaluate(export, tokenizer, "arc_easy,truthfulqa_mc2", data=str(data), limit=2)
+    for name, r in again["benchmarks"].items():
+        assert bench["benchmarks"][name]["metrics"] == pytest.approx(r["metrics"], abs=1e-5)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Multiple-choice benchmarks" in md and "| truthfulqa_mc2 | 2 |" in md
+    with pytest.raises(PrunetuneError, match="--eval-bench scores a causal LM"):
+        RunConfig.from_flags({**flags, "task": "sst2"})
+    with pytest.raises(PrunetuneError, match="--eval-bench-limit needs --eval-bench"):
+        RunConfig.from_flags({k: v for k, v in flags.items() if k not in ("eval_bench", "eval_data")})

@@ -52,9 +52,9 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
         ("lr", "epochs", "recovery_epochs", "temperature"),
         (lambda v: _finite(v) and v > 0, "a positive, finite number")),
     **dict.fromkeys(
-        ("batch_size", "grad_accum", "limit", "eval_bench_limit", "rank", "rank_high", "rank_low", "top_blocks", "samples", "max_length",
+        ("batch_size", "grad_accum", "rank", "rank_high", "rank_low", "top_blocks", "samples", "max_length",
          "seq_len", "train_limit", "eval_limit", "round_to", "distill_layers", "max_rank_mult", "keep_checkpoints",
-         ), (lambda v: v > 0, "positive")),
+         "limit", "eval_bench_limit"), (lambda v: v > 0, "positive")),
     **dict.fromkeys(("eval_every", "save_every"), (lambda v: v >= 0, "0 (every epoch) or a positive number of steps")),
     "shots": (lambda v: v >= 0, "0 or more"),
     "prune_steps": (lambda v: v >= 0, "0 (no pruning during training) or a positive count"),

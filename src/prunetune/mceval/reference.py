@@ -36,12 +36,12 @@ def loglikelihood(model: nn.Module, tokenizer, context: str, continuation: str) 
 def item_scores(lls: list[float], choices: list[str], target: int, labels: list[int] | None = None) -> dict:
     """acc and acc_norm of one item (choices without the delimiter); with `labels`, MC2's mass on the true ones."""
     best = max(range(len(lls)), key=lls.__getitem__)
-    norm = [ll / len(c) for ll, c in zip(lls, choices)]
+    norm = [ll / len(c) for ll, c in zip(lls, choices, strict=True)]
     out = {"acc": float(best == target), "acc_norm": float(max(range(len(norm)), key=norm.__getitem__) == target)}
     if labels is not None:
         top = max(lls)
         weights = [math.exp(ll - top) for ll in lls]
-        out["mc2"] = sum(w for w, lab in zip(weights, labels) if lab == 1) / sum(weights)
+        out["mc2"] = sum(w for w, lab in zip(weights, labels, strict=True) if lab == 1) / sum(weights)
     return out
 
 
@@ -61,11 +61,12 @@ TRUTHFULQA_PREFIX = (
 
 
 def _arc(d: dict) -> tuple:
-    return f"Question: {d['question']}\nAnswer:", d["choices"]["text"], d["choices"]["label"].index(d["answerKey"]), None
+    choices = d["choices"]
+    return f"Question: {d['question']}\nAnswer:", choices["text"], choices["label"].index(d["answerKey"]), None
 
 
 def _mmlu(d: dict) -> tuple:
-    options = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCD", d["choices"]))
+    options = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCD", d["choices"], strict=True))
     head = f"The following are multiple choice questions (with answers) about {d['subject'].replace('_', ' ')}.\n\n"
     return f"{head}{d['question'].strip()}{options}\nAnswer:", ["A", "B", "C", "D"], d["answer"], None
 
