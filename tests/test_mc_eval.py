@@ -185,10 +185,11 @@ def test_eval_command_refuses_bad_input_in_one_line(tmp_path, capsys, args, says
 
 def test_finetune_instruct_scores_the_merged_export_on_the_benchmarks(data, tokenizer, tmp_path, monkeypatch):
     """finetune --eval-bench: the report's figures are those of the exported model as `prunetune eval` loads it."""
+    from task_data import write_instruct
+
     from prunetune import recipes
     from prunetune.config import RunConfig
     from prunetune.errors import PrunetuneError
-    from task_data import write_instruct
 
     monkeypatch.setattr(recipes, "_isolated_inference", lambda task, model_dir, cfg: {
         "batch32_latency_s": 0.0, "batch32_peak_mem_mb": 0.0, "batch32_seq_len": cfg.max_length})
