@@ -133,7 +133,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--train-limit", type=int, default=160)
     p.add_argument("--eval-limit", type=int, default=100, help="held-out records for perplexity")
-    p.add_argument("--samples", type=int, default=64, help="calibration examples for pruning before training")
+    p.add_argument("--samples", type=int, default=64, help="calibration examples (lora-prune's mask search, APT's pruning before training)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="the same for every run")
     p.add_argument("--lora-targets", choices=["attention", "all"], default="all", help="the same for every run")
@@ -151,7 +151,7 @@ def main() -> None:
     keep = ["--keep-params", str(args.keep_params)]
     rows = [("dense", dense(args, out / "dense")),
             ("LoRA", finetune("lora", args, out / "lora", [])),
-            ("LoRA+Prune", finetune("lora-prune", args, out / "lora-prune", keep)),
+            ("LoRA+Prune", finetune("lora-prune", args, out / "lora-prune", [*keep, "--samples", str(args.samples)])),
             ("APT, pruned before training", finetune("apt", args, out / "apt-pbt", [
                 *keep, "--prune-before-training", "--samples", str(args.samples)])),
             ("APT", finetune("apt", args, out / "apt", keep))]
