@@ -151,7 +151,8 @@ def main() -> None:
     keep = ["--keep-params", str(args.keep_params)]
     rows = [("dense", dense(args, out / "dense")),
             ("LoRA", finetune("lora", args, out / "lora", [])),
-            ("LoRA+Prune", finetune("lora-prune", args, out / "lora-prune", [*keep, "--samples", str(args.samples)])),
+            ("LoRA+Prune", finetune("lora-prune", args, out / "lora-prune",
+                                    [*keep, "--samples", str(args.samples)])),
             ("APT, pruned before training", finetune("apt", args, out / "apt-pbt", [
                 *keep, "--prune-before-training", "--samples", str(args.samples)])),
             ("APT", finetune("apt", args, out / "apt", keep))]
