@@ -133,7 +133,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--train-limit", type=int, default=160)
     p.add_argument("--eval-limit", type=int, default=100, help="held-out records for perplexity")
-    p.add_argument("--samples", type=int, default=64, help="calibration examples (lora-prune's mask search, APT's pruning before training)")
+    p.add_argument("--samples", type=int, default=64,
+                   help="calibration examples (lora-prune's mask search, APT's pruning before training)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="the same for every run")
     p.add_argument("--lora-targets", choices=["attention", "all"], default="all", help="the same for every run")
