@@ -215,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="the run's seed (picks the same --eval-limit subset; default 42)")
     _add_task_options(p)
 
+    from prunetune.config import EvalConfig, add_fields
+
+    p = sub.add_parser("eval", help="multiple-choice benchmarks (ARC, HellaSwag, MMLU, TruthfulQA) with "
+                                    "lm-evaluation-harness on the local files",
+                       description="Score a causal LM (pruned or not) on multiple-choice benchmarks as "
+                                   "lm-evaluation-harness defines them: log-likelihood of each choice, acc and "
+                                   "acc_norm, MMLU over its 57 subjects, TruthfulQA MC1 and MC2.")
+    add_fields(p, EvalConfig)  # every flag generated from prunetune.config.EvalConfig
+
     p = sub.add_parser("export-onnx", help="export a model directory to ONNX and check it in ONNX Runtime")
     p.add_argument("model", help="model directory (a prunetune export or a stock checkpoint)")
     p.add_argument("--out", required=True, help="the .onnx file; a causal LM adds <stem>.with_past.onnx, T5 writes "
@@ -359,6 +368,12 @@ def run(argv: list[str] | None = None) -> int:
 
         _print(evaluate_export(args.model, args.task, data=args.data, task_options=options,
                                **_given(args, "max_length", "batch_size", "eval_limit", "seed")))
+    elif args.command == "eval":
+        from prunetune.config import EvalConfig
+        from prunetune.mceval.command import run_eval, table
+
+        names = [f.name for f in dataclasses.fields(EvalConfig)]
+        print(table(run_eval(EvalConfig(**_given(args, *names)))))
     elif args.command == "export-onnx":
         from prunetune.onnx_export import export_onnx
 

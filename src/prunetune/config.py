@@ -39,6 +39,9 @@ GROWTHS = ("adapter", "layer")  # growth.GROWTH
 # lora-prune trains twice with a pruning step between, outside the loop: its checkpoints could not resume the
 # second phase, so it refuses checkpointing (see RuntimeOptions)
 NO_CHECKPOINTS = ("lora-prune",)
+# mceval.BENCHMARKS (kept here so the CLI needs no lm_eval import)
+EVAL_DATA_HELP = "the evaluation files (default $PRUNETUNE_EVAL_DATA, else ../shared/data/eval)"
+BENCHES = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2")
 
 
 def _finite(v: float) -> bool:
@@ -53,8 +56,9 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     **dict.fromkeys(
         ("batch_size", "grad_accum", "rank", "rank_high", "rank_low", "top_blocks", "samples", "max_length",
          "seq_len", "train_limit", "eval_limit", "round_to", "distill_layers", "max_rank_mult", "keep_checkpoints",
-         ), (lambda v: v > 0, "positive")),
+         "limit", "eval_bench_limit"), (lambda v: v > 0, "positive")),
     **dict.fromkeys(("eval_every", "save_every"), (lambda v: v >= 0, "0 (every epoch) or a positive number of steps")),
+    "shots": (lambda v: v >= 0, "0 or more"),
     "prune_steps": (lambda v: v >= 0, "0 (no pruning during training) or a positive count"),
     **dict.fromkeys(("keep_params", "keep_flops", "hidden_keep"), (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]")),
     **dict.fromkeys(("heads_keep", "neurons_keep"), (
@@ -263,6 +267,14 @@ class RunConfig:
     train_limit: int | None = _opt(None, "train on a seeded subset of this many examples")
     eval_limit: int | None = _opt(None, "evaluate on a seeded subset of this many examples")
     max_length: int = _opt(128, "tokens per example")
+    # multiple-choice benchmarks of the merged model after training (causal LM tasks); they read the export, not
+    # the training, so --resume does not compare them
+    eval_bench: str | None = _opt(None, "after training, score the merged model on these multiple-choice benchmarks "
+                                        "with lm-evaluation-harness (comma-separated: " + ", ".join(BENCHES) + ")",
+                                  results=False)
+    eval_bench_limit: int | None = _opt(None, "the first N items of each benchmark (of each MMLU subject)",
+                                        results=False)
+    eval_data: str | None = _opt(None, EVAL_DATA_HELP, results=False)
     samples: int = _opt(512, "examples importance is scored on", methods=_SAMPLED)
     training: TrainingOptions = _opt(None, "", factory=TrainingOptions)
     budget: BudgetOptions = _opt(None, "", factory=BudgetOptions)
@@ -390,6 +402,13 @@ class RunConfig:
         if (self.method == "apt" and self.apt.distill and self.apt.distill_teacher == "best"
                 and not self.training.eval_every):  # evaluations at epoch ends only: the teacher comes too late
             raise PrunetuneError("--distill-teacher best needs --eval-every")
+        if self.eval_bench is not None:
+            from prunetune.mceval.benchmarks import parse
+
+            parse(self.eval_bench)
+            if tasks.get(self.task, self.task_options).auto_class != "AutoModelForCausalLM":
+                raise PrunetuneError(f"--eval-bench scores a causal LM: --task {self.task} does not train one "
+                                     "(use --task instruct)")
         if self.runtime.resume is not None and self.runtime.checkpoint_dir is not None:
             raise PrunetuneError("--resume DIR is where the run's checkpoints are and go on: drop --checkpoint-dir")
 
@@ -467,6 +486,8 @@ REQUIRES: dict[tuple[str, str], str] = {
     ("apt", "scorer"): "prune_before_training",  # the scorer of the one pruning step before training
     ("apt", "samples"): "prune_before_training",  # its calibration sample; APT's own salience needs none
     ("*", "keep_checkpoints"): "save_every",
+    ("*", "eval_bench_limit"): "eval_bench",
+    ("*", "eval_data"): "eval_bench",
     ("*", "checkpoint_dir"): "save_every",
 }
 
@@ -532,3 +553,37 @@ def method_epilog() -> str:
     """The flags of one method only, for --help."""
     return "flags of one method only:\n" + "\n".join(
         f"  {m:<11} {' '.join(flag(o) for o in sorted(opts)) or '(none)'}" for m, opts in METHOD_OPTIONS.items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prunetune eval
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """`prunetune eval`: the multiple-choice benchmarks, scored by lm-evaluation-harness on the local files."""
+
+    model: str | None = _opt(None, "model directory (a prunetune export or a stock causal LM), hub id, or smollm2")
+    bench: str = _opt(",".join(BENCHES), "benchmarks, comma-separated")
+    limit: int | None = _opt(None, "the first N items of each benchmark (of each MMLU subject, as the harness's "
+                                   "--limit)")
+    shots: int = _opt(0, "few-shot examples per prompt (TruthfulQA stays zero-shot, as in the harness)")
+    batch_size: int = _opt(16, "requests per forward pass")
+    eval_data: str | None = _opt(None, EVAL_DATA_HELP)
+    out: str | None = _opt(None, "also write the results (and every item's log-likelihoods) as JSON here")
+
+    def __post_init__(self) -> None:
+        from prunetune.mceval.benchmarks import parse
+
+        check_numbers(asdict(self))
+        parse(self.bench)
+
+
+def add_fields(p: argparse.ArgumentParser, cls) -> None:
+    """A command's arguments from its config dataclass: `model` positional, the rest flags defaulting to None."""
+    for f in fields(cls):
+        if f.name == "model":
+            p.add_argument("model", nargs="?", help=f.metadata["help"])
+        else:
+            _add(p, f.name, f, cls)

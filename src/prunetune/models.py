@@ -149,6 +149,13 @@ def load_with_head(location: str, auto_class: str, **config) -> nn.Module:
     return model
 
 
+def load_auto(location: str, auto_class: str) -> nn.Module:
+    """Any checkpoint the stock Auto class loads (a pruned export too), whether or not prunetune can prune it."""
+    import transformers
+
+    return _from_pretrained(getattr(transformers, auto_class), location)
+
+
 def native_auto_class(location: str) -> str:
     """The stock Auto class that builds the architecture the checkpoint declares, head included.
 

@@ -196,6 +196,18 @@ def _isolated_inference(task, model_dir: Path, cfg: FinetuneConfig) -> dict:
     }
 
 
+def _benchmarks(cfg: RunConfig, model: nn.Module, tokenizer) -> dict | None:
+    """--eval-bench: the multiple-choice benchmarks of the exported model (as `prunetune eval` scores it)."""
+    if cfg.eval_bench is None:
+        return None
+    from prunetune.mceval import evaluate
+
+    status(f"multiple-choice benchmarks: {cfg.eval_bench}")
+    t0 = time.perf_counter()
+    result = evaluate(model, tokenizer, cfg.eval_bench, data=cfg.eval_data, limit=cfg.eval_bench_limit)
+    return {**result, "eval_s": time.perf_counter() - t0}
+
+
 def _warm_imports(location: str) -> None:
     """Import what the run will import anyway (model code, PEFT, metrics, plotting) before the baseline."""
     import matplotlib.pyplot  # noqa: F401
@@ -273,6 +285,10 @@ def _finetune(cfg: RunConfig, runtime: Runtime) -> dict | None:
     config = transformers.AutoConfig.from_pretrained(location)
     check_max_length(cfg.max_length, config)
     check_tokenizer(tokenizer, config)
+    if cfg.eval_bench is not None:  # the benchmarks run after training: refuse missing files before it
+        from prunetune.mceval.sources import data_dir
+
+        data_dir(cfg.eval_data)
     source = DataSource(cfg.data, cfg.dev_data, cfg.dev_fraction)
     loaders = task.loaders(
         tokenizer,
@@ -347,6 +363,7 @@ def _export(cfg: RunConfig, result: MethodResult, tmp: Path, out: Path, *, locat
     metrics, timing = _timed_evaluation(task, reloaded, dev_loader)
     write_model_card(tmp / "model", reloaded, {**card, "metrics": metrics})  # the export's own metrics
     info = model_info(reloaded)
+    benchmarks = _benchmarks(cfg, reloaded, tokenizer)
     if "timeline" in result.extra:
         from prunetune.apt import plot_timeline
 
@@ -399,6 +416,7 @@ def _export(cfg: RunConfig, result: MethodResult, tmp: Path, out: Path, *, locat
         "peak_train_mem_how": memory_how(memory),
         "inference": {**timing, **isolated},
         "outputs": outputs,
+        **({"benchmarks": benchmarks} if benchmarks is not None else {}),
         **result.extra,
     }
     if given["layer_params"] != dense["layer_params"]:  # the input model was already pruned

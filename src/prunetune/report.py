@@ -43,8 +43,10 @@ def _metric_text(name: str, value: float) -> str:
 def summary(r: dict) -> str:
     m, main = r["metrics"], r["main_metric"]
     others = ", ".join(f"{k} {_metric_text(k, v)}" for k, v in m.items() if k not in ("main", main))
+    bench = r.get("benchmarks")
     return (
         f"{r['method']} on {r['task']}: {main} {m['main']:.4f}" + (f" ({others})" if others else "")
+        + (f" | benchmarks average {bench['average']:.4f}" if bench else "")
         + f" | params {r['params_total']:,} ({r['layer_params_kept']:.0%} of layer params) | trainable "
         f"{r['trainable_params']:,} | train {r['train_time_s']:.1f}s | peak train mem {r['peak_train_mem_mb']:.0f} MB"
     )
@@ -90,4 +92,22 @@ def report_markdown(r: dict) -> str:
         ),
     ]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# prunetune {r['method']} on {r['task']}\n\n| | |\n|---|---|\n{body}\n"
+    return f"# prunetune {r['method']} on {r['task']}\n\n| | |\n|---|---|\n{body}\n" + _benchmarks_markdown(r)
+
+
+def _benchmarks_markdown(r: dict) -> str:
+    """The multiple-choice benchmarks of the exported model (finetune --eval-bench), one row each."""
+    b = r.get("benchmarks")
+    if not b:
+        return ""
+    rows = [f"| {name} | {x['items']:,} | {x['metrics']['acc']:.4f} | "
+            + (f"{x['metrics']['acc_norm']:.4f}" if "acc_norm" in x["metrics"] else "-")
+            + f" | {x['score']:.4f} | {x['chance']:.4f} | {x['above_chance']:+.4f} |"
+            for name, x in b["benchmarks"].items()]
+    scope = (f"first {b['limit']} items per task, " if b["limit"] else "") + f"{b['shots']}-shot"
+    rows.append(f"| average ({scope}) | | | | {b['average']:.4f} | | "
+                f"{b['average_above_chance']:+.4f} |")
+    return ("\n## Multiple-choice benchmarks (lm-evaluation-harness definitions, " + b["harness"] + ")\n\n"
+            "score: acc_norm where the harness reports it, else acc (TruthfulQA MC2: mass on true answers)\n\n"
+            "| benchmark | items | acc | acc_norm | score | chance | above chance |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")

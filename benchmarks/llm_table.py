@@ -1,0 +1,178 @@
+"""APT's LLaMA table on SmolLM2-135M-Instruct (GQA): the dense model, LoRA, LoRA+Prune, APT pruning before
+training and APT pruning during training, at --keep-params of the layer parameters, instruction-tuned on the
+Alpaca records and scored on the multiple-choice benchmarks as lm-evaluation-harness defines them.
+
+Each run is its own process (`prunetune finetune ... --eval-bench`, so every peak memory is its own); the dense
+row is `prunetune eval` plus the same fresh-process inference measurement. Every benchmark is shown as its score
+(acc_norm for ARC and HellaSwag, acc for MMLU, MC2 for TruthfulQA) and as the score above chance (chance = the
+mean over the scored items of 1/choices; for MC2, of the share of true answers among the choices, the mass a
+model with equal probabilities puts on them): a 135M model sits near chance on MMLU and ARC-Challenge, where a
+ratio of scores means nothing. Training time, peak training memory, inference latency and memory are also given
+relative to LoRA.
+
+    python benchmarks/llm_table.py                       # ~1 hour on 2 CPU cores with the default limits
+    python benchmarks/llm_table.py --smoke               # a tiny random LLaMA, a few items: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prunetune.bench import machine_description, run_isolated
+from prunetune.models import resolve
+
+BENCHES = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "truthfulqa_mc2")
+SHOWN = {"arc_challenge": "ARC-C", "arc_easy": "ARC-E", "hellaswag": "HellaSwag", "mmlu": "MMLU",
+         "truthfulqa_mc2": "TruthfulQA"}
+
+
+def _env(args) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # resident memory follows the live tensors (compare_methods.py)
+    return env
+
+
+def _call(cmd: list[str], args, what: str) -> None:
+    print(f"== {what}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "prunetune.cli", *cmd], env=_env(args), capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+
+
+def bench_flags(args) -> list[str]:
+    return [f"--eval-bench={','.join(args.benches)}", "--eval-bench-limit", str(args.limit),
+            *(["--eval-data", args.eval_data] if args.eval_data else [])]
+
+
+def finetune(method: str, args, out: Path, extra: list[str]) -> dict:
+    cmd = ["finetune", args.model, "--task", "instruct", "--data", args.data, "--method", method, "--out", str(out),
+           "--overwrite", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-length",
+           str(args.max_length), "--train-limit", str(args.train_limit), "--eval-limit", str(args.eval_limit),
+           "--seed", str(args.seed), "--rank", str(args.rank), "--lr", str(args.lr), "--lora-targets",
+           args.lora_targets, *bench_flags(args), *extra]
+    _call(cmd, args, f"{method} {' '.join(extra)}")
+    report = json.loads((out / "report.json").read_text())
+    print(report["summary"], flush=True)
+    return {"benchmarks": report["benchmarks"], "train_s": report["train_time_s"],
+            "train_mb": report["peak_train_mem_mb"], "infer_s": report["inference"]["batch32_latency_s"],
+            "infer_mb": report["inference"]["batch32_peak_mem_mb"], "kept": report["layer_params_kept"]}
+
+
+def dense(args, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = ["eval", args.model, "--bench", ",".join(args.benches), "--limit", str(args.limit), "--out",
+           str(out / "eval.json"), *(["--eval-data", args.eval_data] if args.eval_data else [])]
+    _call(cmd, args, "dense (no training)")
+    res = json.loads((out / "eval.json").read_text())
+    inf = run_isolated("prunetune.bench:measure_inference", {"model_dir": resolve(args.model), "batch_size": 32,
+                                                             "seq_len": args.max_length, "repeats": 3,
+                                                             "task": "instruct"}, timeout=600)
+    return {"benchmarks": res, "train_s": None, "train_mb": None, "infer_s": inf["latency_s_median"],
+            "infer_mb": inf["peak_mem_mb"], "kept": 1.0}
+
+
+def _ratio(v, ref) -> str:
+    return "-" if v is None or not ref else f"{v / ref:.2f}x"
+
+
+def table(rows: list[tuple[str, dict]], benches: list[str]) -> str:
+    lora = dict(rows)["LoRA"]
+    head = ["method", "layer params", *(SHOWN[b] for b in benches), "avg",
+            *(f"{SHOWN[b]} above chance" for b in benches), "avg above chance", "above chance vs LoRA",
+            "train time", "train mem", "inference time", "inference mem"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        b = r["benchmarks"]["benchmarks"]
+        scores = [100 * b[x]["score"] for x in benches]
+        above = [100 * b[x]["above_chance"] for x in benches]
+        ref = lora["benchmarks"]["average_above_chance"]
+        cells = [name, f"{r['kept']:.0%}", *(f"{s:.1f}" for s in scores), f"{sum(scores) / len(scores):.1f}",
+                 *(f"{a:+.1f}" for a in above), f"{sum(above) / len(above):+.1f}",
+                 _ratio(r["benchmarks"]["average_above_chance"], ref),
+                 _ratio(r["train_s"], lora["train_s"]), _ratio(r["train_mb"], lora["train_mb"]),
+                 _ratio(r["infer_s"], lora["infer_s"]), _ratio(r["infer_mb"], lora["infer_mb"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _tiny_model(out: Path) -> str:
+    """--smoke: a tiny random LLaMA (GQA) with SmolLM2's tokenizer, so the script runs in a minute or two."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve("smollm2"))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                                   num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                   max_position_embeddings=4096, tie_word_embeddings=True)
+    path = out / "tiny-llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def main() -> None:
+    shared = Path(__file__).resolve().parents[2] / "shared/data"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--data", default=str(shared / "alpaca_gpt4/alpaca_en_demo.json"))
+    p.add_argument("--eval-data", default=None, help="the evaluation files (default ../shared/data/eval)")
+    p.add_argument("--out", default="runs/llm_table")
+    p.add_argument("--benches", nargs="+", default=list(BENCHES), choices=BENCHES)
+    p.add_argument("--limit", type=int, default=100, help="items per benchmark (per MMLU subject: the harness's)")
+    p.add_argument("--keep-params", type=float, default=0.7)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--train-limit", type=int, default=160)
+    p.add_argument("--eval-limit", type=int, default=100, help="held-out records for perplexity")
+    p.add_argument("--samples", type=int, default=64,
+                   help="calibration examples (lora-prune's mask search, APT's pruning before training)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="the same for every run")
+    p.add_argument("--lora-targets", choices=["attention", "all"], default="all", help="the same for every run")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--smoke", action="store_true", help="a tiny random model, 2 items, 16 records")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.model = _tiny_model(out)
+        args.limit, args.train_limit, args.eval_limit, args.max_length, args.samples = 2, 16, 8, 128, 8
+        args.benches = ["arc_easy", "hellaswag", "truthfulqa_mc2"]
+    else:
+        resolve(args.model)  # dequantise the GGUF once into the fp32 cache, outside the measured runs
+    keep = ["--keep-params", str(args.keep_params)]
+    rows = [("dense", dense(args, out / "dense")),
+            ("LoRA", finetune("lora", args, out / "lora", [])),
+            ("LoRA+Prune", finetune("lora-prune", args, out / "lora-prune",
+                                    [*keep, "--samples", str(args.samples)])),
+            ("APT, pruned before training", finetune("apt", args, out / "apt-pbt", [
+                *keep, "--prune-before-training", "--samples", str(args.samples)])),
+            ("APT", finetune("apt", args, out / "apt", keep))]
+    mmlu = " (per MMLU subject)" if "mmlu" in args.benches else ""
+    header = (
+        f"{args.model}, instruction-tuned on {args.train_limit} Alpaca-GPT4 demo records ({args.eval_limit} held "
+        f"out for perplexity), max length {args.max_length}, {args.epochs:g} epoch, batch {args.batch_size}, LoRA "
+        f"r={args.rank} ({args.lora_targets}), lr {args.lr:g}; pruned methods at {args.keep_params:.0%} of the "
+        f"layer parameters. Benchmarks: lm-evaluation-harness definitions, 0-shot, the first {args.limit} items "
+        f"of each{mmlu}; scores x100 (acc_norm for ARC and HellaSwag, acc for MMLU, MC2 for TruthfulQA); above "
+        f"chance = score - chance on the same items. Ratios are to LoRA. Inference: batch 32 x {args.max_length} "
+        f"tokens, fresh process. Peak memory: process peak RSS above the pre-load level (glibc mmap threshold "
+        f"64 KiB).\nMeasured {dt.date.today()} on {machine_description()}.\n"
+    )
+    text = header + "\n" + table(rows, args.benches)
+    print("\n" + text)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(dict(rows), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
