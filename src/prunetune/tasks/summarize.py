@@ -31,7 +31,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from prunetune import models, tables
-from prunetune.data import held_out_rows
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import ROUGE_TYPES, rouge_metrics
 from prunetune.tasks.base import Task
@@ -40,7 +39,6 @@ from prunetune.tasks.instruct import CAUSAL_FAMILIES, TEMPLATES, render_prompt
 from prunetune.train import progress
 
 HUB_NAME, HUB_CONFIG = "abisee/cnn_dailymail", "3.0.0"
-EXTRA = "_extra"  # marks a record read from an --extra-train file (training rows only, never held out)
 _SLOT = "\x00article\x00"  # where the article goes in a rendered prompt (split out before tokenizing)
 
 
@@ -126,16 +124,11 @@ class SummarizeTask(Task):
                                           given=location is not None)
             tables.require_columns((self.options.article_column, self.options.summary_column), table.columns, name)
             records = list(table)
-        if split == "train" and self.options.extra_train:
-            for extra in self.options.extra_train:
-                records += [{**r, EXTRA: True} for r in self._rows(extra, "--extra-train")]
-            name = " + ".join((name, *self.options.extra_train))
         return records, name
 
-    def held_out_index(self, records: list[dict], fraction: float, seed: int) -> np.ndarray:
-        # dev rows come from the training file itself, never from the --extra-train files
-        own = np.array([i for i, r in enumerate(records) if not r.get(EXTRA)], dtype=np.int64)
-        return own[held_out_rows(len(own), fraction, seed)]
+    def more_records(self, split: str) -> tuple[list[dict], tuple[str, ...]]:
+        files = self.options.extra_train or () if split == "train" else ()
+        return [r for f in files for r in self._rows(f, "--extra-train")], files
 
     def examples(self, records: list[dict], index: np.ndarray, split: str, source: str) -> list[dict]:
         out = []
