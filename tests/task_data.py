@@ -66,6 +66,21 @@ def write_instruct(path: Path, n: int = 24, seed: int = 0) -> Path:
     return path
 
 
+def summarize_rows(n: int = 24, seed: int = 0) -> list[dict]:
+    """Articles of a few sentences whose summary is their first sentence (a learnable rule), CNN/DM's columns."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        first = f"the {rng.choice(COLOURS)} {rng.choice(NOUNS)} ran to {rng.choice(PLACES)} ."
+        rows.append({"article": " ".join([first, sentence(rng) + " .", sentence(rng) + " ."]), "highlights": first})
+    return rows
+
+
+def write_summarize(path: Path, n: int = 24, seed: int = 0) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in summarize_rows(n, seed)) + "\n")
+    return path
+
+
 def squad_articles(n_articles: int = 6, seed: int = 0) -> list[dict]:
     """SQuAD v2 articles: per paragraph an answerable "where" question, and a "who" question that is answerable
     or not (is_impossible, no answers) depending on the animal."""
@@ -100,6 +115,7 @@ def task_data(root: Path, name: str) -> tuple[str, float]:
     if entry.preset is not None and kind in ("classify", "regression"):
         return str(write_glue(root / name, entry.preset)), 0.1
     writers = {"classify": (write_classify, "rows.csv", 0.25), "regression": (write_regression, "rows.jsonl", 0.25),
-               "instruct": (write_instruct, "records.json", 0.25), "qa": (write_squad, "squad.json", 0.34)}
+               "instruct": (write_instruct, "records.json", 0.25), "qa": (write_squad, "squad.json", 0.34),
+               "summarize_seq2seq": (write_summarize, "cnn.jsonl", 0.25)}
     write, file_name, fraction = writers[kind]
     return str(write(root / file_name)), fraction

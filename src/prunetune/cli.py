@@ -135,7 +135,7 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
             base = next(k for k in kind if k is not type(None))
             kw: dict = {"dest": TASK_OPTION + f.name, "help": f.metadata.get("help")}
             if typing.get_origin(base) is tuple:
-                kw.update(nargs="+", metavar="COLUMN")
+                kw.update(nargs="+", metavar=f.metadata.get("metavar", "COLUMN"))
             elif base is bool:
                 kw.update(action=argparse.BooleanOptionalAction)
             else:

@@ -103,9 +103,11 @@ class SplitRows:
     total: int  # examples in the source
     held_out: bool = False  # the dev rows held out of a single file, or the training rows left after that
     held_out_by: str = "row"  # what was held out whole: rows, or groups of rows (QA: articles)
+    also: tuple[str, ...] = ()  # more files whose rows follow the source's (summarisation's --extra-train)
 
     def describe(self) -> dict[str, Any]:
-        """For reports: the source, how many of its rows, and their 1-based numbers when not all were used."""
+        """For reports: the source, how many of its rows, and their 1-based numbers when not all were used (the
+        rows of `also` files numbered on after the source's)."""
         every = len(self.rows) == self.total
         return {
             "source": self.source,
@@ -114,6 +116,7 @@ class SplitRows:
             "held_out": self.held_out,
             # 1 = the file's first example (after any header line)
             "rows": None if every else [i + 1 for i in self.rows],
+            **({"also": list(self.also)} if self.also else {}),
         }
 
 

@@ -2,7 +2,8 @@
 official SQuAD v2 evaluation script (evaluate-v2.0.py) defines exact match and F1.
 
 Every metric is a fraction in [0, 1] (or a correlation, or an error), like every other prunetune metric: the
-official SQuAD script prints the same exact/F1 values multiplied by 100.
+official SQuAD script prints the same exact/F1 values multiplied by 100. ROUGE is the exception: its F-measures are
+reported x100, the form every summarisation paper and Hugging Face's run_summarization print.
 """
 
 from __future__ import annotations
@@ -193,3 +194,53 @@ def squad_v2_metrics(predictions: Mapping[str, str], answers: Mapping[str, Seque
 def _averages(exact: dict, f1: dict, qids: list[str]) -> dict[str, float]:
     return {"exact": float(np.mean([exact[q] for q in qids])), "f1": float(np.mean([f1[q] for q in qids])),
             "total": len(qids)}
+
+
+# ---- summarisation: ROUGE as the rouge-score package computes it ------------------------------------------------
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+# A sentence ends at . ! or ? (and any closing quotes or brackets) before whitespace and a capital, a digit or an
+# opening quote. nltk's punkt model, the usual splitter, is a download that cannot happen here; a fixed rule also
+# scores the same on every machine.
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s+[\"'\u201c\u2018(\[]?[A-Z0-9])")
+# Words whose period does not end a sentence ("Mr. Smith", "U.S. officials"); single letters (initials) neither.
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "gen", "sen", "rep", "gov", "lt",
+                            "col", "capt", "sgt", "rev", "vs", "no", "inc", "co", "corp", "ltd", "u.s", "u.k", "u.n",
+                            "jan", "feb", "aug", "sept", "oct", "nov", "dec"})
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text`: every line break ends one (CNN/DailyMail highlights are one per line), and within
+    a line `_SENTENCE_END` does, except after an abbreviation or an initial."""
+    out = []
+    for line in text.splitlines():
+        start = 0
+        for match in _SENTENCE_END.finditer(line):
+            words = line[start:match.start()].split()
+            word = words[-1].lower().strip("\"'\u201c\u2018([") if words else ""
+            if match.group().startswith(".") and (word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())):
+                continue
+            out.append(line[start:match.end()].strip())
+            start = match.end()
+        out.append(line[start:].strip())
+    return [s for s in out if s]
+
+
+def rouge_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures x100 with Porter stemming (rouge-score), averaged over
+    the examples. Lsum reads sentences from line breaks, so both sides are put one sentence per line first
+    (`split_sentences`), the CNN/DailyMail convention; the other three do not depend on the split."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("cannot score an empty set of summaries")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score("\n".join(split_sentences(reference)), "\n".join(split_sentences(prediction)))
+        for name in ROUGE_TYPES:
+            totals[name] += scores[name].fmeasure
+    return {name: 100.0 * total / len(references) for name, total in totals.items()}

@@ -54,7 +54,8 @@ def summary(r: dict) -> str:
 
 def _rows_line(d: dict) -> str:
     share = f"{d['examples']:,} of {d['of']:,}" if d["examples"] != d["of"] else f"all {d['of']:,}"
-    return f"{share} rows of {d['source']}" + (" (held out)" if d.get("held_out") else "")
+    files = " + ".join((d["source"], *d.get("also", ())))
+    return f"{share} rows of {files}" + (" (held out)" if d.get("held_out") else "")
 
 
 def report_markdown(r: dict) -> str:

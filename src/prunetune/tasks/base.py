@@ -72,6 +72,11 @@ class Task(ABC):
         """Every raw record of the file (or `datasets` name) `location`, and the name the report gives it.
         None: the task's own default source (a bundled sample, its data set on the hub), or a clear error."""
 
+    def more_records(self, split: str) -> tuple[list, tuple[str, ...]]:
+        """Records the split takes on top of its source's, whole (never held out, never dev rows of a training
+        file), and the files they came from: none by default (summarisation's --extra-train)."""
+        return [], ()
+
     def held_out_index(self, records: list, fraction: float, seed: int) -> np.ndarray:
         """Positions of the records a single file holds out as dev rows (seeded)."""
         return held_out_rows(len(records), fraction, seed)
@@ -91,9 +96,9 @@ class Task(ABC):
             raise PrunetuneError(f"unknown split {split!r} for task {self.name}; choose from train, dev")
         return name
 
-    def _select(self, split: str, source: DataSource, seed: int) -> tuple[list, str, np.ndarray, bool]:
-        """The split's source records, their name, the positions that belong to the split, and whether those
-        are (or exclude) a held-out share of a training source."""
+    def _select(self, split: str, source: DataSource, seed: int) -> tuple[list, str, np.ndarray, bool, tuple]:
+        """The split's source records, their name, the positions that belong to the split, whether those are (or
+        exclude) a held-out share of a training source, and the files of the records added to it."""
         where = locate(source, split, self.find_split_file)
         # a held-out dev split is read from the training source (a hub name's train split, not its validation)
         records, name = self.read_source(where.path, "train" if where.held_out else split)
@@ -101,23 +106,27 @@ class Task(ABC):
         if where.held_out:
             dev = self.held_out_index(records, source.dev_fraction, seed)
             index = np.setdiff1d(index, dev) if split == "train" else dev
+        more, files = self.more_records(split)
+        if more:
+            index = np.concatenate([index, np.arange(len(records), len(records) + len(more))])
+            records = [*records, *more]
         if len(index) == 0:
             raise PrunetuneError(f"the {split} split of {self.name} ({name}) is empty")
-        return records, name, index, where.held_out
+        return records, name, index, where.held_out, files
 
     def read(self, split: str, data: Any, *, limit: int | None = None, seed: int = 0) -> SplitRows:
         """One split ("train" or "dev") of a data source (see DataSource): never a training row in dev."""
         split = self.canonical_split(split)
-        records, name, index, held_out = self._select(split, DataSource.of(data), seed)
+        records, name, index, held_out, files = self._select(split, DataSource.of(data), seed)
         if split == "train":
             self.learn(records, index)
         chosen = index if limit is None else index[subset_index(len(index), limit, seed)]
         return SplitRows(self.examples(records, chosen, split, name), name, chosen.tolist(), len(records), held_out,
-                         self.held_out_by)
+                         self.held_out_by, files)
 
     def learn_from(self, data: Any, *, seed: int) -> None:
         """`learn` from a source's whole training split, without building its examples."""
-        records, _, index, _ = self._select("train", DataSource.of(data), seed)
+        records, _, index, _, _ = self._select("train", DataSource.of(data), seed)
         self.learn(records, index)
 
     # ---- the head -----------------------------------------------------------------------------------------
@@ -243,7 +252,7 @@ def data_summary(data: dict) -> str:
     """One line: where the training and dev rows came from."""
     def part(d: dict) -> str:
         share = f"{d['examples']} of {d['of']}" if d["examples"] != d["of"] else f"all {d['of']}"
-        return f"{share} rows of {d['source']}"
+        return f"{share} rows of {' + '.join((d['source'], *d.get('also', ())))}"
 
     line = f"train on {part(data['train'])}; evaluate on {part(data['dev'])}"
     held = data.get("held_out")

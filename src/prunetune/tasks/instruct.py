@@ -15,14 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from prunetune import models, tables
 from prunetune.errors import PrunetuneError
 from prunetune.tasks.base import Task
+from prunetune.tasks.batching import IGNORE, causal_collate, seeded_loader
 from prunetune.train import progress
 
-IGNORE = -100
 ALPACA = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 
 
@@ -74,22 +73,6 @@ def encode(tokenizer, record: dict, max_length: int, template: str = "auto") -> 
     ids = (prompt + answer)[:max_length]
     labels = ([IGNORE] * len(prompt) + answer)[:max_length]
     return {"input_ids": ids, "labels": labels}
-
-
-def collate(pad_id: int):
-    def fn(features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    return fn
 
 
 @torch.no_grad()
@@ -150,8 +133,7 @@ class InstructTask(Task):
             longest = max(len(e["input_ids"]) for e in enc)
             raise PrunetuneError(f"no response token fits in --max-length {max_length}: the prompts fill it "
                                  f"(up to {longest} tokens); raise --max-length")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        return DataLoader(enc, batch_size=batch_size, shuffle=seed is not None, collate_fn=collate(pad), generator=gen)
+        return seeded_loader(enc, causal_collate(pad), batch_size, seed)
 
     def train_batches(self, examples, tokenizer, *, max_length: int, batch_size: int, seed: int | None):
         return self._loader(examples, tokenizer, max_length, batch_size, seed)

@@ -13,6 +13,7 @@ from prunetune.tasks.classify import ClassifyTask, RegressionTask
 from prunetune.tasks.glue import TASKS as GLUE
 from prunetune.tasks.instruct import InstructTask
 from prunetune.tasks.qa import SQUAD_V2, QATask
+from prunetune.tasks.summarize import CausalSummarizeTask, Seq2SeqSummarizeTask
 from prunetune.tasks.text2text import Text2TextTask
 
 
@@ -42,4 +43,5 @@ REGISTRY: dict[str, Entry] = {
     "alpaca": Entry((InstructTask,), description="instruction tuning (as instruct), Alpaca-style records"),
     "squad_v2": Entry((QATask,), SQUAD_V2, "SQuAD 2.0 extractive QA (rajpurkar/squad_v2 on the hub, or --data)"),
     "qa": Entry((QATask,)),
+    "summarize": Entry((Seq2SeqSummarizeTask, CausalSummarizeTask)),
 }

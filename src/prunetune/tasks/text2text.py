@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from prunetune import models
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import compute_metrics
+from prunetune.tasks.batching import seeded_loader, seq2seq_collate
 from prunetune.tasks.classify import ClassifyTask
 from prunetune.tasks.glue import LABEL_WORDS
 from prunetune.train import progress
@@ -82,19 +83,7 @@ class Text2TextTask(ClassifyTask):
 
     @staticmethod
     def _loader(rows: list[dict], tokenizer, batch_size: int, *, seed: int | None) -> DataLoader:
-        pad = tokenizer.pad_token_id
-
-        def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-            def padded(key: str, value: int) -> torch.Tensor:
-                width = max(len(b[key]) for b in batch)
-                return torch.tensor([b[key] + [value] * (width - len(b[key])) for b in batch])
-
-            return {"input_ids": padded("input_ids", pad), "attention_mask": padded("attention_mask", 0),
-                    "labels": padded("labels", -100)}  # -100: padded target positions carry no loss
-
-        generator = torch.Generator().manual_seed(seed or 0)
-        return DataLoader(rows, batch_size=batch_size, shuffle=seed is not None, collate_fn=collate,
-                          generator=generator)
+        return seeded_loader(rows, seq2seq_collate(tokenizer.pad_token_id), batch_size, seed)
 
     def train_batches(self, examples, tokenizer, *, max_length: int, batch_size: int, seed: int | None):
         return self._loader(self._encode(examples, tokenizer, max_length), tokenizer, batch_size, seed=seed)
