@@ -46,9 +46,35 @@ def _call(cmd: list[str], args, what: str) -> None:
         raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
 
 
+def _data_flag(args) -> list[str]:
+    return ["--eval-data", args.eval_data] if args.eval_data else []
+
+
 def bench_flags(args) -> list[str]:
-    return [f"--eval-bench={','.join(args.benches)}", "--eval-bench-limit", str(args.limit),
-            *(["--eval-data", args.eval_data] if args.eval_data else [])]
+    # MMLU is scored apart (mmlu_results): its limit counts per subject, 57 of them
+    benches = [b for b in args.benches if b != "mmlu"]
+    return [f"--eval-bench={','.join(benches)}", "--eval-bench-limit", str(args.limit), *_data_flag(args)]
+
+
+def mmlu_results(model: str, args, out: Path) -> dict | None:
+    """MMLU with its own per-subject limit (`prunetune eval` on the model or the run's export)."""
+    if "mmlu" not in args.benches:
+        return None
+    path = out / "mmlu.json"
+    _call(["eval", model, "--bench", "mmlu", "--limit", str(args.mmlu_limit), "--out", str(path), *_data_flag(args)],
+          args, f"MMLU of {model}")
+    return json.loads(path.read_text())["benchmarks"]["mmlu"]
+
+
+def with_mmlu(results: dict, mmlu: dict | None) -> dict:
+    """The run's benchmark results with MMLU's added and the averages recomputed over every benchmark."""
+    if mmlu is None:
+        return results
+    benches = {**results["benchmarks"], "mmlu": mmlu}
+    n = len(benches)
+    return {**results, "benchmarks": benches,
+            "average": sum(b["score"] for b in benches.values()) / n,
+            "average_above_chance": sum(b["above_chance"] for b in benches.values()) / n}
 
 
 def finetune(method: str, args, out: Path, extra: list[str]) -> dict:
@@ -60,17 +86,19 @@ def finetune(method: str, args, out: Path, extra: list[str]) -> dict:
     _call(cmd, args, f"{method} {' '.join(extra)}")
     report = json.loads((out / "report.json").read_text())
     print(report["summary"], flush=True)
-    return {"benchmarks": report["benchmarks"], "train_s": report["train_time_s"],
+    benchmarks = with_mmlu(report["benchmarks"], mmlu_results(str(out / "model"), args, out))
+    return {"benchmarks": benchmarks, "train_s": report["train_time_s"],
             "train_mb": report["peak_train_mem_mb"], "infer_s": report["inference"]["batch32_latency_s"],
             "infer_mb": report["inference"]["batch32_peak_mem_mb"], "kept": report["layer_params_kept"]}
 
 
 def dense(args, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = ["eval", args.model, "--bench", ",".join(args.benches), "--limit", str(args.limit), "--out",
-           str(out / "eval.json"), *(["--eval-data", args.eval_data] if args.eval_data else [])]
+    benches = [b for b in args.benches if b != "mmlu"]
+    cmd = ["eval", args.model, "--bench", ",".join(benches), "--limit", str(args.limit), "--out",
+           str(out / "eval.json"), *_data_flag(args)]
     _call(cmd, args, "dense (no training)")
-    res = json.loads((out / "eval.json").read_text())
+    res = with_mmlu(json.loads((out / "eval.json").read_text()), mmlu_results(args.model, args, out))
     inf = run_isolated("prunetune.bench:measure_inference", {"model_dir": resolve(args.model), "batch_size": 32,
                                                              "seq_len": args.max_length, "repeats": 3,
                                                              "task": "instruct"}, timeout=600)
@@ -126,7 +154,8 @@ def main() -> None:
     p.add_argument("--eval-data", default=None, help="the evaluation files (default ../shared/data/eval)")
     p.add_argument("--out", default="runs/llm_table")
     p.add_argument("--benches", nargs="+", default=list(BENCHES), choices=BENCHES)
-    p.add_argument("--limit", type=int, default=100, help="items per benchmark (per MMLU subject: the harness's)")
+    p.add_argument("--limit", type=int, default=200, help="items per benchmark (the first N, as the harness's --limit)")
+    p.add_argument("--mmlu-limit", type=int, default=5, help="MMLU items per subject (57 subjects)")
     p.add_argument("--keep-params", type=float, default=0.7)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=4)
@@ -146,6 +175,7 @@ def main() -> None:
     if args.smoke:
         args.model = _tiny_model(out)
         args.limit, args.train_limit, args.eval_limit, args.max_length, args.samples = 2, 16, 8, 128, 8
+        args.mmlu_limit = 1
         args.benches = ["arc_easy", "hellaswag", "truthfulqa_mc2"]
     else:
         resolve(args.model)  # dequantise the GGUF once into the fp32 cache, outside the measured runs
@@ -157,7 +187,7 @@ def main() -> None:
             ("APT, pruned before training", finetune("apt", args, out / "apt-pbt", [
                 *keep, "--prune-before-training", "--samples", str(args.samples)])),
             ("APT", finetune("apt", args, out / "apt", keep))]
-    mmlu = " (per MMLU subject)" if "mmlu" in args.benches else ""
+    mmlu = f" (MMLU: the first {args.mmlu_limit} of each of its 57 subjects)" if "mmlu" in args.benches else ""
     header = (
         f"{args.model}, instruction-tuned on {args.train_limit} Alpaca-GPT4 demo records ({args.eval_limit} held "
         f"out for perplexity), max length {args.max_length}, {args.epochs:g} epoch, batch {args.batch_size}, LoRA "
