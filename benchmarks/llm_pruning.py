@@ -111,7 +111,8 @@ def instruction_split(tokenizer, args) -> tuple[list[dict], list[dict]]:
 
 def calibration_batches(tokenizer, records: list[dict], max_length: int, batch_size: int) -> list[dict]:
     """Prompt (chat template when there is one) + response + end token, labels on every real token."""
-    from prunetune.tasks.instruct import collate, render_prompt
+    from prunetune.tasks.batching import causal_collate as collate
+    from prunetune.tasks.instruct import render_prompt
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     feats = []
@@ -125,7 +126,7 @@ def calibration_batches(tokenizer, records: list[dict], max_length: int, batch_s
 
 def article_batches(tokenizer, path: str, n: int, length: int, batch_size: int) -> list[dict]:
     """The first `length` tokens of each of the first `n` articles, every token scored."""
-    from prunetune.tasks.instruct import collate
+    from prunetune.tasks.batching import causal_collate as collate
 
     rows = []
     with open(path) as f:

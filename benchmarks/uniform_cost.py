@@ -32,7 +32,7 @@ SHARED = HERE.parents[1] / "shared" / "data"
 
 
 def calibration_batches(tokenizer, path: str, n: int, length: int, batch_size: int) -> list[dict]:
-    from prunetune.tasks.instruct import collate
+    from prunetune.tasks.batching import causal_collate as collate
 
     records = json.loads(Path(path).read_text())[:n]
     texts = [" ".join(r.get(k, "") for k in ("instruction", "input", "output")) for r in records]
@@ -41,7 +41,7 @@ def calibration_batches(tokenizer, path: str, n: int, length: int, batch_size: i
 
 def article_batches(tokenizer, path: str, n: int, length: int, batch_size: int) -> list[dict]:
     """The first `length` tokens of each of the first `n` articles, every token scored (llm_pruning.py's)."""
-    from prunetune.tasks.instruct import collate
+    from prunetune.tasks.batching import causal_collate as collate
 
     texts = []
     with open(path) as f:
