@@ -55,93 +55,18 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"
 sys.path.insert(0, str(HERE))  # the peers package lives beside this file, outside the library
 
+from llm_data import article_batches, instruction_batches, instruction_split  # noqa: E402
+from llm_pruning_report import FAMILY, family, markdown  # noqa: E402
 from peers.common import PeerFailure, structure_counts  # noqa: E402
 
 # prunetune scorers that apply to a decoder before training; the later ones arrive with the scorer work
 # and are picked up by name when the installed prunetune registers them
 DECODER_SCORERS = ("fisher", "salience_kurtosis", "wanda_sp", "flap", "block_influence", "apt_salience")
 PEER_ROWS = ("shortgpt", "wanda_sp", "flap", "torch_pruning", "torch_pruning_ffn")
-FAMILY = {
-    "dense": "dense",
-    "shortgpt": "ShortGPT",
-    "wanda_sp": "Wanda-sp/FLAP",
-    "flap": "Wanda-sp/FLAP",
-    "torch_pruning": "Torch-Pruning",
-    "torch_pruning_ffn": "Torch-Pruning",
-}
-LABEL = {
-    "dense": "dense (unpruned)",
-    "shortgpt": "ShortGPT layer dropping",
-    "wanda_sp": "Wanda-sp (uniform)",
-    "flap": "FLAP (WIFV, AL-AM, bias comp.)",
-    "torch_pruning": "Torch-Pruning 1.6, LLM example",
-    "torch_pruning_ffn": "Torch-Pruning 1.6, attention ignored",
-}
-
-
-def family(row: str) -> str:
-    return "prunetune" if row.startswith("prunetune:") else FAMILY[row]
-
-
-def label(row: str, default_scorer: str | None = None) -> str:
-    if row.startswith("prunetune:"):
-        scorer = row.split(":", 1)[1]
-        return f"prunetune {scorer}" + (" (default)" if scorer == default_scorer else "")
-    return LABEL[row]
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: calibration records, held-out articles
 # ---------------------------------------------------------------------------------------------------------
-
-
-def instruction_split(tokenizer, args) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) Alpaca records exactly as `prunetune finetune --task instruct` splits them.
-
-    The calibration sample comes from the train part, so the instruction hold-out the recovery is scored on
-    is never seen while pruning.
-    """
-    from prunetune import tasks
-
-    task = tasks.get("instruct")
-    train = task.read("train", args.data, seed=args.seed)
-    held_out = task.read("dev", args.data, limit=args.eval_limit, seed=args.seed)
-    return list(train.dataset), list(held_out.dataset)
-
-
-def calibration_batches(tokenizer, records: list[dict], max_length: int, batch_size: int) -> list[dict]:
-    """Prompt (chat template when there is one) + response + end token, labels on every real token."""
-    from prunetune.tasks.batching import causal_collate as collate
-    from prunetune.tasks.instruct import render_prompt
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    feats = []
-    for r in records:
-        text = render_prompt(tokenizer, r) + r["output"] + (tokenizer.eos_token or "")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
-        feats.append({"input_ids": ids, "labels": ids})  # collate pads labels with -100
-    fn = collate(pad)
-    return [fn(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)]
-
-
-def article_batches(tokenizer, path: str, n: int, length: int, batch_size: int) -> list[dict]:
-    """The first `length` tokens of each of the first `n` articles, every token scored."""
-    from prunetune.tasks.batching import causal_collate as collate
-
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line)["article"])
-            if len(rows) == n:
-                break
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    feats = []
-    for text in rows:
-        ids = tokenizer(text)["input_ids"][:length]
-        feats.append({"input_ids": ids, "labels": ids})
-    fn = collate(pad)
-    return [fn(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,8 +206,8 @@ def run_row(args) -> dict:
     location = resolve(args.model)
     tokenizer = load_tokenizer(location)
     stage("data")
-    train, _ = instruction_split(tokenizer, args)
-    calib = calibration_batches(tokenizer, train[: args.calib], args.calib_len, args.calib_batch)
+    train, _ = instruction_split(args.data, args.eval_limit, args.seed)
+    calib = instruction_batches(tokenizer, train[: args.calib], args.calib_len, args.calib_batch)
     articles = article_batches(tokenizer, args.articles_file, args.articles, args.article_len, args.eval_batch)
     if args.recover:
         import peft  # noqa: F401  (imported before the baseline, like the rest)
@@ -534,118 +459,6 @@ def best_of_families(results: list[dict], keep: float) -> dict[str, dict]:
         if fam not in best or r["ppl"] < best[fam]["ppl"]:
             best[fam] = r
     return best
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _fmt(v, spec: str = ".2f", empty: str = "—") -> str:
-    return empty if v is None else format(v, spec)
-
-
-def markdown(report: dict, keeps: list[float]) -> str:
-    s = report["settings"]
-    scorer = report["default_scorer"]
-    rows = report["rows"]
-    dense = next((r for r in rows if r["row"] == "dense" and r["status"] == "ok"), None)
-    heap = "glibc mmap threshold 64 KiB" if s["heap"] == "compact" else "default heap"
-    lines = [
-        f"# Decoder pruning vs peers, {report['date']}",
-        "",
-        f"Machine: {report['machine']}.",
-        f"Model: `{s['model']}`; calibration: {s['calib']} Alpaca records from the training split (seed "
-        f"{s['seed']}, prompt + response, up to {s['calib_len']} tokens, batches of {s['calib_batch']}); held-out "
-        f"text: first {s['article_len']} tokens of the first {s['articles']} CNN/DailyMail validation articles "
-        "(token-weighted perplexity, no training). Budget: fraction of the decoder-layer parameters (embeddings "
-        f"excluded). Latency: full forward at batch {s['latency_batch']} x {s['latency_seq']}, median of "
-        f"{s['latency_repeats']}+ passes (those that had the CPU to themselves), ratio to dense. Peak memory: "
-        f"process peak RSS above the level before the model was loaded, while pruning ({heap}). Each row ran in "
-        "its own process. Multiple-choice evaluation: none in prunetune yet, not measured.",
-        "",
-        "| keep | method | family | layer params kept | layers | heads (q/kv) | FFN | perplexity | prune s "
-        "| prune peak MB | latency ms | latency ratio | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        name = label(r["row"], scorer)
-        if r["status"] != "ok":
-            lines.append(f"| {r['keep']:g} | {name} | {family(r['row'])} | — | — | — | — | — | — | — | — | — "
-                         f"| {r['status']}: {r.get('error', '').replace('|', '/')} |")
-            continue
-        k, d = r["kept"], r["dense"]
-        ratio = r["latency_s"] / dense["latency_s"] if dense else None
-        note = "latency: CPU shared with other processes" if r.get("contended") else ""
-        lines.append(
-            f"| {r['keep']:g} | {name} | {family(r['row'])} | {r['layer_params_kept']:.1%} "
-            f"| {k['layers']}/{d['layers']} | {k['heads']}/{k['kv_heads']} | {k['ffn']}/{d['ffn']} | {r['ppl']:.2f} "
-            f"| {r['prune_s']:.0f} | {r['prune_peak_mb']:.0f} | {1000 * r['latency_s']:.0f} | {_fmt(ratio, '.3f')} "
-            f"| {note} |"
-        )
-    recovered = report.get("recovered") or []
-    if recovered:
-        base = next((r for r in recovered if r["row"] == "dense" and r["status"] == "ok"), None)
-        ref = base["recovery"]["instr_ppl_after"] if base else None
-        lines += [
-            "",
-            f"After the same LoRA recovery (r={s['rank']} on {s['lora_targets']}, lr {s['lr']:g}, {s['epochs']:g} "
-            f"epoch on {s['train_limit']} Alpaca training records, max length {s['max_length']}, batch "
-            f"{s['batch_size']}; instruction hold-out: {s['eval_limit']} records) of the best model of each family:",
-            "",
-            "| keep | method | instr. ppl before | instr. ppl after LoRA | x unpruned LoRA | article ppl after "
-            "| train s | train peak MB |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in recovered:
-            name = label(r["row"], scorer)
-            if r["status"] != "ok":
-                lines.append(f"| {r['keep']:g} | {name} | — | — | — | — | — | {r['status']}: {r.get('error', '')} |")
-                continue
-            rc = r["recovery"]
-            rel = rc["instr_ppl_after"] / ref if ref else None
-            lines.append(f"| {r['keep']:g} | {name} | {rc['instr_ppl_before']:.2f} | {rc['instr_ppl_after']:.2f} "
-                         f"| {_fmt(rel, '.2f')} | {rc['ppl_after']:.2f} | {rc['train_s']:.0f} "
-                         f"| {rc['train_peak_mb']:.0f} |")
-    lines += ["", *verdict(report, keeps)]
-    if report["notes"]:
-        lines += ["", *[f"Note: {n}." for n in report["notes"]]]
-    lines.append(f"\nTotal wall time {report['total_wall_s'] / 60:.0f} min.")
-    return "\n".join(lines) + "\n"
-
-
-def verdict(report: dict, keeps: list[float]) -> list[str]:
-    """The issue's Done-when, line by line: met, not met, or not measurable from this run."""
-    scorer = report["default_scorer"]
-    row = f"prunetune:{scorer}"
-    out = [f"Done-when (prunetune default decoder scorer: {scorer}):"]
-    for keep in keeps:
-        ours = next((r for r in report["rows"] if r["row"] == row and math.isclose(r["keep"], keep)
-                     and r["status"] == "ok"), None)
-        peers = [r for r in report["rows"] if family(r["row"]) not in ("prunetune", "dense")
-                 and math.isclose(r["keep"], keep) and r["status"] == "ok"]
-        failed = [label(r["row"]) for r in report["rows"] if family(r["row"]) not in ("prunetune", "dense")
-                  and math.isclose(r["keep"], keep) and r["status"] != "ok"]
-        if ours is None or not peers:
-            out.append(f"- keep {keep:g}: not measurable (no {row} result or no peer result)")
-            continue
-        best = min(peers, key=lambda r: r["ppl"])
-        ok = ours["ppl"] < best["ppl"]
-        tail = f"; peers that did not run: {', '.join(failed)}" if failed else ""
-        out.append(f"- keep {keep:g}: {ours['ppl']:.2f} vs best peer {label(best['row'])} {best['ppl']:.2f}: "
-                   f"{'met' if ok else 'NOT met'}{tail}")
-    rec = report.get("recovered") or []
-    base = next((r for r in rec if r["row"] == "dense" and r["status"] == "ok"), None)
-    low = min(keeps)
-    ours = next((r for r in rec if family(r["row"]) == "prunetune" and math.isclose(r["keep"], low)
-                 and r["status"] == "ok"), None)
-    if base and ours:
-        rel = ours["recovery"]["instr_ppl_after"] / base["recovery"]["instr_ppl_after"]
-        out.append(f"- after recovery at keep {low:g} ({label(ours['row'], scorer)}): {rel:.2f}x unpruned LoRA's "
-                   f"instruction perplexity: {'met' if rel <= 1.5 else 'NOT met'} (target <= 1.5x)")
-    else:
-        out.append(f"- after recovery at keep {low:g}: not measured (run with --recover)")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

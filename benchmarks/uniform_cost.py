@@ -28,36 +28,18 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # llm_data lives beside this script
+
+from llm_data import article_batches, token_batches  # noqa: E402
+
 SHARED = HERE.parents[1] / "shared" / "data"
 
 
 def calibration_batches(tokenizer, path: str, n: int, length: int, batch_size: int) -> list[dict]:
-    from prunetune.tasks.batching import causal_collate as collate
-
+    """The first `n` Alpaca records as plain text (instruction, input, output), every token scored."""
     records = json.loads(Path(path).read_text())[:n]
     texts = [" ".join(r.get(k, "") for k in ("instruction", "input", "output")) for r in records]
-    return _batches(tokenizer, texts, length, batch_size, collate)
-
-
-def article_batches(tokenizer, path: str, n: int, length: int, batch_size: int) -> list[dict]:
-    """The first `length` tokens of each of the first `n` articles, every token scored (llm_pruning.py's)."""
-    from prunetune.tasks.batching import causal_collate as collate
-
-    texts = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                texts.append(json.loads(line)["article"])
-            if len(texts) == n:
-                break
-    return _batches(tokenizer, texts, length, batch_size, collate)
-
-
-def _batches(tokenizer, texts, length, batch_size, collate) -> list[dict]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    feats = [{"input_ids": ids, "labels": ids} for ids in (tokenizer(t)["input_ids"][:length] for t in texts)]
-    fn = collate(pad)
-    return [fn(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)]
+    return token_batches(tokenizer, texts, length, batch_size)
 
 
 def shape_of(model) -> dict:

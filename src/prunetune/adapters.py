@@ -157,6 +157,42 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def base_layer(module: nn.Module) -> nn.Module:
+    """The linear a LoRA wrapper wraps (PEFT's get_base_layer), or the module itself when it is not wrapped: the
+    one place the rest of prunetune learns whether a linear carries adapters."""
+    get = getattr(module, "get_base_layer", None)
+    return get() if callable(get) else module
+
+
+def lora_factors(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(A, B) linears of every adapter on a LoRA-wrapped linear (A reads the input, B writes the output); none
+    on a plain linear."""
+    a, b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if a is None or b is None:
+        return []
+    return [(a[name], b[name]) for name in a if name in b]
+
+
+def active_delta(module: nn.Module) -> torch.Tensor | None:
+    """B @ A x scaling summed over the active, unmerged adapters of a wrapped linear (float32), None when there
+    is nothing to add (a plain linear, merged adapters)."""
+    if not lora_factors(module) or getattr(module, "merged", False):
+        return None
+    active = set(getattr(module, "active_adapters", list(module.lora_A)))
+    delta = None
+    for name in module.lora_A:
+        if name in active and name in module.lora_B:
+            d = module.lora_B[name].weight.detach().float() @ module.lora_A[name].weight.detach().float()
+            d = d * module.scaling[name]
+            delta = d if delta is None else delta + d
+    return delta
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter parameter of a model (what a LoRA run trains besides norms and the head)."""
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """PEFT LoRA-wrapped linears by full module name."""
     return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and ADAPTER in m.lora_A}

@@ -140,7 +140,7 @@ class AptHook(TrainHook):
 
     @staticmethod
     def lora_params(model: nn.Module) -> int:
-        return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        return sum(p.numel() for p in adapters.lora_parameters(model))
 
     def budget(self, keep: float) -> Budget:
         """The engine's budget for keeping `keep` of the dense cost, in the target's unit (APT ranks hidden dims,

@@ -14,8 +14,8 @@ from prunetune.families import layer_sites
 
 def numel(linear: nn.Module) -> tuple[int, int, bool]:
     """Output width, input width and whether there is a bias, of a (possibly LoRA-wrapped) linear."""
-    base = getattr(linear, "base_layer", linear)
-    return base.weight.shape[0], base.weight.shape[1], base.bias is not None
+    # a LoRA-wrapped linear (PEFT's tuner layers) answers .weight and .bias with its base layer's
+    return linear.weight.shape[0], linear.weight.shape[1], linear.bias is not None
 
 
 def layer_param_count(model: nn.Module) -> int:

@@ -159,7 +159,7 @@ def load_auto(location: str, auto_class: str) -> nn.Module:
 def native_auto_class(location: str) -> str:
     """The stock Auto class that builds the architecture the checkpoint declares, head included.
 
-    AutoModel when it declares none. Families list the Auto classes they support (families.py), in the order
+    AutoModel when it declares none. Families list the Auto classes they support (the families table), in the order
     tried; a head none of them builds is refused rather than dropped.
     """
     import transformers

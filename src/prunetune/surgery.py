@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunetune import adapters
 from prunetune.families import (
     AttentionSite,
     family_of,
@@ -31,6 +32,7 @@ from prunetune.plan import PruningPlan, kv_groups_kept, model_shapes
 
 LAYOUT_ATTR = "prunetune_layout"  # config attribute: the plan, relative to the dense model, applied so far
 BASE_TYPE_ATTR = "prunetune_base_model_type"
+MODEL_TYPE_PREFIX = "prunetune_"  # an export's model_type: prunetune_<family>, registered by importing prunetune
 
 
 @dataclass
@@ -83,18 +85,19 @@ def slice_parameter(
 
 def prune_linear(linear: nn.Module, side: str, index: torch.Tensor, log: SliceLog, done: dict) -> None:
     """Keep `index` on the output ("out": weight rows, bias) or input ("in": weight columns) side."""
-    base = getattr(linear, "base_layer", linear)
+    base = adapters.base_layer(linear)
+    factors = adapters.lora_factors(linear)
     if side == "out":
         slice_parameter(base, "weight", 0, index, log, done)
         slice_parameter(base, "bias", 0, index, log, done)
         base.out_features = len(index)
-        for b in getattr(linear, "lora_B", {}).values():
+        for _, b in factors:
             slice_parameter(b, "weight", 0, index, log, done)
             b.out_features = len(index)
     else:
         slice_parameter(base, "weight", 1, index, log, done)
         base.in_features = len(index)
-        for a in getattr(linear, "lora_A", {}).values():
+        for a, _ in factors:
             slice_parameter(a, "weight", 1, index, log, done)
             a.in_features = len(index)
     if base is not linear:  # PEFT keeps its own copy of the shape

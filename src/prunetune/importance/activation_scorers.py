@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunetune import adapters
 from prunetune.families import hidden_sites, layer_sites
 from prunetune.importance.passes import TokenRows, each_batch, loss_of, observe, scoring, stack_mask_keys
 from prunetune.importance.scores import PROXY, Scores, register, scores_from
@@ -34,15 +35,9 @@ from prunetune.masks import Masks, attach
 
 def effective_weight(linear: nn.Module) -> torch.Tensor:
     """The weight a (possibly LoRA-wrapped) linear applies: base + B @ A x scaling of active, unmerged adapters."""
-    base = getattr(linear, "base_layer", linear)
-    w = base.weight.detach().float()
-    if hasattr(linear, "lora_A") and not getattr(linear, "merged", False):
-        active = getattr(linear, "active_adapters", list(linear.lora_A))
-        for name in linear.lora_A:
-            if name in active:
-                delta = linear.lora_B[name].weight.detach().float() @ linear.lora_A[name].weight.detach().float()
-                w = w + delta * linear.scaling[name]
-    return w
+    w = adapters.base_layer(linear).weight.detach().float()
+    delta = adapters.active_delta(linear)
+    return w if delta is None else w + delta
 
 
 def _activation_pass(model: nn.Module, batches: Iterable[dict] | None, *, hidden: bool, signal: str,

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from prunetune import adapters
 from prunetune.families import hidden_sites, layer_sites
 from prunetune.importance.scores import PROXY, Scores, register
 
@@ -16,7 +17,7 @@ def _norm_rows(w: torch.Tensor, hd: int) -> torch.Tensor:
 
 
 def _weight(lin: nn.Module) -> torch.Tensor:
-    return getattr(lin, "base_layer", lin).weight
+    return adapters.base_layer(lin).weight
 
 
 @register("magnitude", unit=PROXY, needs_data=False)

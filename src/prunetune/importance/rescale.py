@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from prunetune import adapters
 from prunetune.errors import PrunetuneError
 from prunetune.families import family_of, layer_input, layer_output, layer_sites, unwrap
 from prunetune.importance.activation_scorers import ChannelStats, effective_weight
@@ -39,7 +40,7 @@ def _removed(n: int, kept: list[int]) -> list[int]:
 
 
 def _base(linear: nn.Module) -> nn.Module:
-    return getattr(linear, "base_layer", linear)
+    return adapters.base_layer(linear)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ def _solve_scales(model: nn.Module, batches: list[dict], proj: nn.Module, points
 @torch.no_grad()
 def _fold_scales(proj: nn.Module, chan: torch.Tensor, scale: torch.Tensor) -> None:
     """Scale input columns: the base weight's and every LoRA A's (the adapter reads the same input)."""
-    targets = [_base(proj).weight, *(a.weight for a in getattr(proj, "lora_A", {}).values())]
+    targets = [_base(proj).weight, *(a.weight for a, _ in adapters.lora_factors(proj))]
     for w in targets:
         idx = chan.to(w.device)
         w[:, idx] = w[:, idx] * scale.to(w.device, w.dtype)[None, :]
