@@ -27,6 +27,7 @@ from pathlib import Path
 from prunetune.bench import machine_description, run_isolated
 from prunetune.models import resolve
 
+RUNS = ("dense", "lora", "lora-prune", "apt-pbt", "apt")  # the table's rows, in order; LoRA is the reference
 BENCHES = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "truthfulqa_mc2")
 SHOWN = {"arc_challenge": "ARC-C", "arc_easy": "ARC-E", "hellaswag": "HellaSwag", "mmlu": "MMLU",
          "truthfulqa_mc2": "TruthfulQA"}
@@ -61,6 +62,8 @@ def mmlu_results(model: str, args, out: Path) -> dict | None:
     if "mmlu" not in args.benches:
         return None
     path = out / "mmlu.json"
+    if args.reuse and path.exists():
+        return json.loads(path.read_text())["benchmarks"]["mmlu"]
     _call(["eval", model, "--bench", "mmlu", "--limit", str(args.mmlu_limit), "--out", str(path), *_data_flag(args)],
           args, f"MMLU of {model}")
     return json.loads(path.read_text())["benchmarks"]["mmlu"]
@@ -83,7 +86,8 @@ def finetune(method: str, args, out: Path, extra: list[str]) -> dict:
            str(args.max_length), "--train-limit", str(args.train_limit), "--eval-limit", str(args.eval_limit),
            "--seed", str(args.seed), "--rank", str(args.rank), "--lr", str(args.lr), "--lora-targets",
            args.lora_targets, *bench_flags(args), *extra]
-    _call(cmd, args, f"{method} {' '.join(extra)}")
+    if not (args.reuse and (out / "report.json").exists()):  # --reuse: a finished run's report is read again
+        _call(cmd, args, f"{method} {' '.join(extra)}")
     report = json.loads((out / "report.json").read_text())
     print(report["summary"], flush=True)
     benchmarks = with_mmlu(report["benchmarks"], mmlu_results(str(out / "model"), args, out))
@@ -97,7 +101,8 @@ def dense(args, out: Path) -> dict:
     benches = [b for b in args.benches if b != "mmlu"]
     cmd = ["eval", args.model, "--bench", ",".join(benches), "--limit", str(args.limit), "--out",
            str(out / "eval.json"), *_data_flag(args)]
-    _call(cmd, args, "dense (no training)")
+    if not (args.reuse and (out / "eval.json").exists()):
+        _call(cmd, args, "dense (no training)")
     res = with_mmlu(json.loads((out / "eval.json").read_text()), mmlu_results(args.model, args, out))
     inf = run_isolated("prunetune.bench:measure_inference", {"model_dir": resolve(args.model), "batch_size": 32,
                                                              "seq_len": args.max_length, "repeats": 3,
@@ -168,8 +173,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="the same for every run")
     p.add_argument("--lora-targets", choices=["attention", "all"], default="all", help="the same for every run")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--rows", nargs="+", choices=RUNS, default=list(RUNS), help="the rows to run (lora is needed: "
+                   "the ratios are to it)")
+    p.add_argument("--reuse", action="store_true", help="read the rows already finished under --out instead of "
+                   "running them again (their reports and MMLU results; the dense row's inference is re-measured)")
     p.add_argument("--smoke", action="store_true", help="a tiny random model, 2 items, 16 records")
     args = p.parse_args()
+    if "lora" not in args.rows:
+        p.error("--rows needs lora: every ratio is to LoRA")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
@@ -180,13 +191,16 @@ def main() -> None:
     else:
         resolve(args.model)  # dequantise the GGUF once into the fp32 cache, outside the measured runs
     keep = ["--keep-params", str(args.keep_params)]
-    rows = [("dense", dense(args, out / "dense")),
-            ("LoRA", finetune("lora", args, out / "lora", [])),
-            ("LoRA+Prune", finetune("lora-prune", args, out / "lora-prune",
-                                    [*keep, "--samples", str(args.samples)])),
-            ("APT, pruned before training", finetune("apt", args, out / "apt-pbt", [
-                *keep, "--prune-before-training", "--samples", str(args.samples)])),
-            ("APT", finetune("apt", args, out / "apt", keep))]
+    runs = {
+        "dense": ("dense", lambda: dense(args, out / "dense")),
+        "lora": ("LoRA", lambda: finetune("lora", args, out / "lora", [])),
+        "lora-prune": ("LoRA+Prune", lambda: finetune("lora-prune", args, out / "lora-prune",
+                                                      [*keep, "--samples", str(args.samples)])),
+        "apt-pbt": ("APT, pruned before training", lambda: finetune("apt", args, out / "apt-pbt", [
+            *keep, "--prune-before-training", "--samples", str(args.samples)])),
+        "apt": ("APT", lambda: finetune("apt", args, out / "apt", keep)),
+    }
+    rows = [(runs[r][0], runs[r][1]()) for r in RUNS if r in args.rows]
     mmlu = f" (MMLU: the first {args.mmlu_limit} of each of its 57 subjects)" if "mmlu" in args.benches else ""
     header = (
         f"{args.model}, instruction-tuned on {args.train_limit} Alpaca-GPT4 demo records ({args.eval_limit} held "

@@ -61,3 +61,21 @@ def seeded_loader(rows: list, collate: Collate, batch_size: int, seed: int | Non
     the training loop reads to order the data the same way on every rank and after a resume."""
     generator = torch.Generator().manual_seed(seed or 0)
     return DataLoader(rows, batch_size=batch_size, shuffle=seed is not None, collate_fn=collate, generator=generator)
+
+
+class EvalBatches:
+    """Evaluation batches with the rows they were made from (the contract's eval_batches: iterable batches,
+    `len()` batches, `.dataset` the examples scored); tasks add what their scoring reads besides the batches."""
+
+    def __init__(self, loader: DataLoader, examples: list):
+        self.loader, self.examples = loader, examples
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self) -> list:
+        return self.examples

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from prunetune.data import held_out_groups
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import squad_v2_metrics
 from prunetune.tasks.base import Task
+from prunetune.tasks.batching import EvalBatches
 from prunetune.train import predict
 
 QA_COLUMNS = ("question", "context", "answers")
@@ -325,21 +326,12 @@ def best_answers(examples: Sequence[dict], windows: Windows, start_logits: np.nd
     return out
 
 
-class QABatches:
+class QABatches(EvalBatches):
     """Evaluation batches of question windows, with the questions and windows answers are read from."""
 
     def __init__(self, examples: list[dict], windows: Windows, loader: DataLoader):
-        self.examples, self.windows, self.loader = examples, windows, loader
-
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def dataset(self) -> list[dict]:
-        return self.examples
+        super().__init__(loader, examples)
+        self.windows = windows
 
 
 def _loader(features: list[dict], tokenizer: Any, batch_size: int, seed: int | None) -> DataLoader:

@@ -34,7 +34,7 @@ from prunetune import models, tables
 from prunetune.errors import PrunetuneError
 from prunetune.metrics import ROUGE_TYPES, rouge_metrics
 from prunetune.tasks.base import Task
-from prunetune.tasks.batching import IGNORE, Collate, causal_collate, seeded_loader, seq2seq_collate
+from prunetune.tasks.batching import IGNORE, Collate, EvalBatches, causal_collate, seeded_loader, seq2seq_collate
 from prunetune.tasks.instruct import CAUSAL_FAMILIES, TEMPLATES, render_prompt
 from prunetune.train import progress
 
@@ -282,19 +282,10 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-class Generations:
+class Generations(EvalBatches):
     """Evaluation batches of articles to summarise, with their rows (the references) and the tokenizer that
     reads the generated tokens."""
 
     def __init__(self, loader: DataLoader, examples: list[dict], tokenizer: Any):
-        self.loader, self.examples, self.tokenizer = loader, examples, tokenizer
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def dataset(self) -> list[dict]:
-        return self.examples
+        super().__init__(loader, examples)
+        self.tokenizer = tokenizer
