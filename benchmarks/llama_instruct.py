@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from cli_runs import run_report
 
 from prunetune.bench import machine_description
 from prunetune.models import resolve
@@ -60,15 +59,7 @@ def run(method: str, args, out: Path, extra: list[str]) -> dict:
         *extra,
     ]
     print(f"== {method} {' '.join(extra)}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    if args.heap == "compact":  # resident memory follows the live tensors (see compare_methods.py)
-        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
-    print(report["summary"], flush=True)
-    return report
+    return run_report(cmd, out, method, compact_heap=args.heap == "compact")
 
 
 def main() -> None:
