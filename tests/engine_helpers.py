@@ -102,7 +102,8 @@ def make_plan(family: str, model, kind: str) -> PruningPlan:
     """A plan of one kind ("heads", "neurons", "hidden") or all three ("all") for a tiny model."""
     plan = PruningPlan(family)
     if kind in ("heads", "all"):
-        plan.heads = {k: list(v) for k, v in HEADS[family].items()}
+        present = {site.key for lay in layer_sites(model) for site in lay.attentions.values()}
+        plan.heads = {k: list(v) for k, v in HEADS[family].items() if k in present}  # encoder-only heads: no decoder
     if kind in ("neurons", "all"):
         plan.neurons = neuron_plan(model)
     if kind in ("hidden", "all"):

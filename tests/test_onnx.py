@@ -28,15 +28,6 @@ from prunetune.onnx_export import TOLERANCE, export_onnx  # noqa: E402
 from prunetune.plan import PruningPlan  # noqa: E402
 from prunetune.surgery import apply_plan  # noqa: E402
 
-# Heads whose export does not match PyTorch yet: verification refuses them (nothing is written), and these
-# strict xfails turn into failures the day they pass. Multiple choice: the check feeds 2-D inputs where the head
-# reshapes (batch, choices, seq); RoBERTa's causal LM and T5's encoder-only heads after pruning differ in ORT.
-KNOWN_FAILURES = {
-    ("bert", "AutoModelForMultipleChoice"), ("roberta", "AutoModelForMultipleChoice"),
-    ("roberta", "AutoModelForCausalLM"),
-    ("t5", "AutoModelForTokenClassification", "pruned"), ("t5", "AutoModelForTextEncoding", "pruned"),
-}
-
 
 def _own_class(family: str, auto: str) -> bool:
     """The family has its own class for this Auto class (RoBERTa has no pre-training or NSP head: transformers'
@@ -117,6 +108,8 @@ def check_against_model(model, report: dict, family: str) -> None:
             inputs = with_eos(family, inputs)
             if "token_type_ids" in graphs["model"]["inputs"]:  # a sentence pair: segment 1 from position 5
                 inputs["token_type_ids"] = (torch.arange(11) >= 5).long().expand(4, 11) * inputs["attention_mask"]
+            if report["auto_class"] == "AutoModelForMultipleChoice":  # 2 examples x 2 choices, not 4 rows
+                inputs = {k: v.reshape(2, 2, -1) for k, v in inputs.items()}
             ref = model(**inputs)
             got = session(graphs["model"]["file"]).run(None, np_inputs(inputs))
             for name, value in zip(graphs["model"]["outputs"], got, strict=True):
@@ -137,19 +130,9 @@ def check_against_model(model, report: dict, family: str) -> None:
 
 @pytest.mark.parametrize("variant", ["dense", "pruned"])
 @pytest.mark.parametrize(("family", "auto_class"), HEADS)
-def test_round_trip_every_head(family, auto_class, variant, tmp_path, request):
-    if (family, auto_class) in KNOWN_FAILURES or (family, auto_class, variant) in KNOWN_FAILURES:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="export does not match PyTorch yet"))
+def test_round_trip_every_head(family, auto_class, variant, tmp_path):
     model = build(family, auto_class, "all" if variant == "pruned" else None)
-    try:
-        report = export_dir(model, tmp_path)
-    except PrunetuneError as e:
-        # Reloading the export, not ONNX: a LLaMA-family classifier builds its backbone through AutoModel, which
-        # picks prunetune's registered base class, so export.py restored the layout twice (fixed on another
-        # branch; this test then passes as it is).
-        if family == "llama" and variant == "pruned" and "index out of range" in str(e):
-            pytest.xfail("pruned LLaMA-family classifier exports do not reload (layout restored twice)")
-        raise
+    report = export_dir(model, tmp_path)
     assert report["auto_class"] == auto_class and report["verified"]
     assert report["max_abs_diff"] <= TOLERANCE
     expected = {"causal-lm": {"model", "with_past"}, "encoder-decoder": {"encoder", "decoder", "decoder_with_past"},
@@ -279,6 +262,22 @@ def test_sliding_window_models_decode_with_past(family, prompt, tmp_path):
     got = ort_causal_decode(report, inputs["input_ids"], inputs["attention_mask"], ref.sequences[:, prompt:])
     for g, r in zip(got, ref.logits, strict=True):
         assert_close(g, r)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("variant", ["dense", "pruned"])
+def test_learned_position_decoders_count_positions_with_past(family, variant, tmp_path):
+    """BERT-like causal LMs count their learned positions themselves (RoBERTa from padding_idx + 1): decoding
+    token by token with past in ORT gives, at every step, the logits of one forward pass over the whole text."""
+    model = build(family, "AutoModelForCausalLM", "all" if variant == "pruned" else None)
+    report = export_dir(model, tmp_path)
+    ids = tiny_inputs(family, batch=2, length=8, seed=5)["input_ids"]
+    prompt, mask = ids[:, :5], torch.ones_like(ids[:, :5])
+    got = ort_causal_decode(report, prompt, mask, ids[:, 5:])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+    for step, logits in enumerate(got):
+        assert_close(logits, full[:, 4 + step])
 
 
 T5_DECODE_CASES = {"all": "all", "layer0_empty": T5_CASES["layer0_empty"], "later_layers": T5_CASES["later_layers"]}

@@ -137,6 +137,7 @@ class CausalLMGraph(nn.Module):
         self.model = model
         self.with_past = with_past
         self.cache_kw = cache_keyword(model)
+        self.positions = family_of(model).positions_from_mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         from transformers import DynamicCache
@@ -146,9 +147,9 @@ class CausalLMGraph(nn.Module):
         # went wrong before it (and the reverse). A plain layer keeps the whole past and the sliding-window mask,
         # which the model builds from its config, hides what lies outside the window: the same attention.
         cache = DynamicCache(_pairs(past)) if self.with_past else DynamicCache()
-        positions = causal_positions(attention_mask, input_ids.shape[1])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         use_cache=True, **{self.cache_kw: cache})
+        kw = {"position_ids": causal_positions(attention_mask, input_ids.shape[1])} if self.positions else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         **{self.cache_kw: cache}, **kw)
         # the cache is updated in place: read it back rather than the output field that 5.24 renamed
         return (out["logits"], *_present(cache))
 

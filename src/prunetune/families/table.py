@@ -89,6 +89,10 @@ class Family:
     # output (whose width a hidden plan leaves alone) in ...ForSequenceClassification.
     class_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     position_bias_source: str | None = None  # T5: the attribute of the attention holding the bias table
+    # Whether a causal LM takes the position ids generate() makes from the attention mask (rotary decoders).
+    # BERT-like models embed learned absolute positions that their own forward counts (RoBERTa from
+    # padding_idx + 1 over non-pad ids): an exported graph must let the model count them, or its logits differ.
+    positions_from_mask: bool = True
     # transformers Auto* classes this family is exported for, in the order a checkpoint's declared
     # architecture is looked up (the first whose mapping names that architecture loads it)
     auto_classes: tuple[str, ...] = ()
@@ -129,6 +133,7 @@ _BERT_LIKE = dict(
     norm_eps_attr="eps",
     embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
     global_norms=("embeddings.LayerNorm",),
+    positions_from_mask=False,
     # The pooler, the RoBERTa classification head, the QA head and the masked-LM heads (BERT's `cls`, RoBERTa's
     # `lm_head`) read the hidden stream. The pooler's and the classification head's outputs keep their width
     # (the next classifier reads them, not the stream); the masked-LM transform writes the stream again.
