@@ -101,9 +101,14 @@ def targets(results: dict[str, dict], infer: dict[str, dict]) -> str:
     """APT against full fine-tuning: F1 >= 97% of full's, latency <= 0.5 of full's."""
     if "apt" not in results or "full" not in results:
         return "APT targets: need both `full` and `apt` in --methods."
-    f1 = results["apt"]["metrics"]["f1"] / max(results["full"]["metrics"]["f1"], 1e-12)
+    full = results["full"]["metrics"]
+    f1 = results["apt"]["metrics"]["f1"] / max(full["f1"], 1e-12)
     latency = infer["apt"]["latency_s_median"] / infer["full"]["latency_s_median"]
-    return (f"APT targets: F1 {f1:.1%} of full's ({'met' if f1 >= 0.97 else 'not met'}, target >= 97%); "
+    verdict = "met" if f1 >= 0.97 else "not met"
+    if full.get("HasAns_total") and not full.get("HasAns_f1"):
+        # full fine-tuning never answered: every row can match it by saying "no answer", so the ratio says nothing
+        verdict = "not assessable: `full` answers no question (train longer, or with more data)"
+    return (f"APT targets: F1 {f1:.1%} of full's ({verdict}, target >= 97%); "
             f"latency {latency:.2f} of full's ({'met' if latency <= 0.5 else 'not met'}, target <= 0.50).")
 
 

@@ -4,6 +4,7 @@ rescaling. Each keeps masked = pruned, and brings the pruned model closer to the
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -150,6 +151,54 @@ def test_kwon_rescale_brings_layer_outputs_closer(family):
     with attach(masked, masks_for(masked, plan)):  # the scales live in kept columns: masked = pruned
         assert max_diff(torch.cat([x.flatten() for x in hidden_states(masked, batches)]),
                         torch.cat([x.flatten() for x in rescaled])) < 1e-4
+
+
+def prefix_reference_scales(model, plan: PruningPlan, batches: list[dict], damp: float = 1e-4,
+                            max_scale: float = 10.0) -> dict[str, torch.Tensor]:
+    """Kwon et al.'s rescaling the direct way: for every block, forward passes of the whole model up to it (dense,
+    then masked with the scales found so far); no scales folded."""
+    from prunetune.importance.passes import TokenRows, scoring, stack_mask_keys
+    from prunetune.importance.rescale import NormalEquations, _blocks, _capture, _residual_points, plan_masks
+
+    masks, rows, keys = plan_masks(model, plan), TokenRows(), stack_mask_keys(model)
+    hidden_rows = None if plan.hidden is None else torch.tensor(plan.hidden)
+    out = {}
+    with scoring(model), torch.no_grad():
+        for lay in layer_sites(model):
+            for index, (key, proj, units, width, kept, store, name) in enumerate(_blocks(lay, plan, masks)):
+                if kept is None or len(kept) in (0, units):
+                    continue
+                before, after = _residual_points(lay, index)
+                eq = NormalEquations(proj, kept, width, hidden_rows)
+                for batch in batches:
+                    rows.set(batch)
+                    (dense_sum,) = _capture(functools.partial(model, **batch), [after])
+                    with attach(model, masks):
+                        residual, x = _capture(functools.partial(model, **batch), [before, ("in", proj)])
+                    k = keys[lay.key]
+                    eq.add(rows(x, k), rows(dense_sum, k).double() - rows(residual, k).double())
+                scale = eq.solve(damp)
+                if not torch.isfinite(scale).all() or float(scale.abs().max()) > max_scale:
+                    return out
+                store[name][torch.tensor(kept)] = scale.float()
+                out[key] = scale
+    return out
+
+
+@pytest.mark.parametrize("kind", ["heads_and_neurons", "all"])
+@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
+def test_kwon_rescale_layer_by_layer_equals_whole_model_passes(family, kind):
+    """kwon_rescale carries the dense and pruned streams layer to layer (one layer's compute per block): its
+    scales equal those of whole-model passes up to every block, T5's decoder (fed by the rescaled pruned
+    encoder), grouped-query attention and hidden-dimension plans included."""
+    model, batches = tiny(family), labelled_batches(family)
+    plan = heads_and_neurons(family, model) if kind == "heads_and_neurons" else make_plan(family, model, "all")
+    reference = prefix_reference_scales(model, plan, batches, max_scale=1e9)
+    assert reference
+    scales = kwon_rescale(model, plan, batches, max_scale=1e9)
+    assert set(scales) == set(reference)
+    for key, ref in reference.items():
+        torch.testing.assert_close(torch.tensor(scales[key], dtype=torch.float64), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])

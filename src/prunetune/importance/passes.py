@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from prunetune.errors import PrunetuneError
-from prunetune.families import layer_sites
+from prunetune.families import layer_input, layer_sites
 from prunetune.train import progress
 
 
@@ -123,3 +123,50 @@ class TokenRows:
 def stack_mask_keys(model: nn.Module) -> dict[str, str]:
     """Layer key -> the batch entry marking its stack's real tokens."""
     return {lay.key: lay.stack.token_mask for lay in layer_sites(model)}
+
+
+class LayerReplay:
+    """One stack's layers re-run one at a time on hidden states of the caller's choosing.
+
+    One forward pass per batch (up to the stack's last layer, without a cache: a replayed layer must not append
+    to one) records every layer's call: the arguments besides the hidden states (attention masks, position
+    embeddings, T5's position bias, a decoder's encoder states) and the first layer's hidden states. A procedure
+    that works block by block (Kwon et al.'s rescaling) then pays one layer per step instead of the whole prefix
+    of the model before it. Masks attached while recording shape what is recorded (a pruned model's encoder
+    states, its masked embeddings); masks attached while replaying act inside the replayed layer.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[dict], layers: list) -> None:
+        self.calls: dict[str, list[tuple[bool, tuple, dict]]] = {lay.key: [] for lay in layers}
+        self.first: list[torch.Tensor] = []
+        last = layers[-1].key
+
+        def record(key: str):
+            def hook(module, args, kwargs):
+                hidden = layer_input(args, kwargs)
+                positional = bool(args)
+                rest = args[1:] if positional else args
+                others = {k: v for k, v in kwargs.items() if positional or k != "hidden_states"}
+                self.calls[key].append((positional, rest, others))
+                if key == layers[0].key:
+                    self.first.append(hidden.detach().clone())
+                if key == last:
+                    raise Stop
+            return hook
+
+        handles = [lay.module.register_forward_pre_hook(record(lay.key), with_kwargs=True) for lay in layers]
+        try:
+            for batch in batches:
+                run_until_stop(model, {**batch, "use_cache": False})
+        finally:
+            for h in handles:
+                h.remove()
+        if any(len(v) != len(batches) for v in self.calls.values()):
+            raise PrunetuneError("a layer was not called once per batch: it cannot be replayed")
+
+    def __call__(self, lay, index: int, hidden: torch.Tensor):
+        """Layer `lay` on batch `index`'s recorded arguments with `hidden` as its input; its raw output."""
+        positional, rest, others = self.calls[lay.key][index]
+        if positional:
+            return lay.module(hidden, *rest, **others)
+        return lay.module(*rest, hidden_states=hidden, **others)

@@ -16,6 +16,8 @@ columns and output biases).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import suppress
+from functools import partial
 
 import torch
 from torch import nn
@@ -25,7 +27,7 @@ from prunetune.errors import PrunetuneError
 from prunetune.families import family_of, layer_input, layer_output, layer_sites, unwrap
 from prunetune.importance.activation_scorers import ChannelStats, effective_weight
 from prunetune.importance.mask_scorers import MaskGradients, mask_gradients
-from prunetune.importance.passes import Stop, TokenRows, each_batch, run_until_stop, scoring, stack_mask_keys
+from prunetune.importance.passes import LayerReplay, Stop, TokenRows, each_batch, scoring, stack_mask_keys
 from prunetune.masks import Masks, attach
 from prunetune.plan import PruningPlan, kv_groups_kept
 
@@ -257,8 +259,8 @@ def _residual_points(lay, index: int) -> tuple[tuple[str, nn.Module], tuple[str,
     return ("in", norms[index]), after
 
 
-def _capture(model: nn.Module, batch: dict, points: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
-    """What the model has at each point on one batch; the forward pass stops at the last one."""
+def _capture(run, points: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
+    """What the model has at each point (in forward order) while `run()` calls it; the call stops at the last."""
     got: dict[int, torch.Tensor] = {}
     last = len(points) - 1
     handles = []
@@ -279,53 +281,55 @@ def _capture(model: nn.Module, batch: dict, points: list[tuple[str, nn.Module]])
         else:
             handles.append(module.register_forward_hook(lambda m, args, out, i=i: keep(i, layer_output(out))))
     try:
-        run_until_stop(model, batch)
+        with suppress(Stop):
+            run()
     finally:
         for h in handles:
             h.remove()
     return [got[i] for i in range(len(points))]
 
 
-def _solve_scales(model: nn.Module, batches: list[dict], proj: nn.Module, points, kept: list[int], width: int,
-                  masks: Masks, hidden_rows: torch.Tensor | None, rows: TokenRows, mask_key: str,
-                  damp: float) -> torch.Tensor:
-    """Scales s for the kept units: over the sample's tokens, least squares of
+class NormalEquations:
+    """Least squares for the kept units' scales s of one block, over the sample's tokens:
     sum_k s_k W_k x_k + b  against  dense (residual + sublayer) - pruned residual  (Kwon et al.).
 
-    x: the pruned model's input to the projection (earlier blocks already rescaled); the target asks the
-    block to restore the dense residual sum, absorbing what earlier blocks lost. Normal equations from X'X
-    and W'W (no per-unit output is materialised); a ridge of `damp` x the mean diagonal pulls towards
-    s = 1 where the sample says little.
+    x is the pruned model's input to the output projection (earlier blocks already rescaled); the target asks the
+    block to restore the dense residual sum, absorbing what earlier blocks lost. The equations are built from
+    X'X and W'W (no per-unit output is materialised); a ridge of `damp` x the mean diagonal pulls towards s = 1
+    where the sample says little.
     """
-    before, after = points
-    chan = _channels(kept, width)
-    w = effective_weight(proj).double()
-    bias = _base(proj).bias
-    b = bias.detach().double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    if hidden_rows is not None:
-        w, b = w[hidden_rows.to(w.device)], b[hidden_rows.to(w.device)]
-    wk = w[:, chan.to(w.device)]
-    xtx = torch.zeros(len(chan), len(chan), dtype=torch.float64, device=w.device)
-    xty = torch.zeros(len(chan), dtype=torch.float64, device=w.device)
-    for batch in batches:
-        rows.set(batch)
-        (dense_sum,) = _capture(model, batch, [after])
-        with attach(model, masks):
-            residual, x = _capture(model, batch, [before, ("in", proj)])
-        target = rows(dense_sum, mask_key).double() - rows(residual, mask_key).double()
-        if hidden_rows is not None:
-            target = target[:, hidden_rows.to(target.device)]
-        x = rows(x, mask_key).double()[:, chan.to(x.device)]
-        xtx += x.t() @ x
-        xty += (x * ((target - b) @ wk)).sum(0)
-    k = len(kept)
-    gram = (xtx * (wk.t() @ wk)).view(k, width, k, width).sum((1, 3))
-    rhs = xty.view(k, width).sum(1)
-    ridge = damp * gram.diagonal().mean().clamp_min(1e-30)
-    ones = torch.ones(k, dtype=torch.float64, device=gram.device)
-    delta = torch.linalg.solve(gram + ridge * torch.eye(k, dtype=torch.float64, device=gram.device),
-                               rhs - gram @ ones)
-    return ones + delta
+
+    def __init__(self, proj: nn.Module, kept: list[int], width: int, hidden_rows: torch.Tensor | None) -> None:
+        self.k, self.width = len(kept), width
+        self.chan = _channels(kept, width)
+        w = effective_weight(proj).double()
+        bias = _base(proj).bias
+        b = bias.detach().double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                         device=w.device)
+        self.hidden_rows = None if hidden_rows is None else hidden_rows.to(w.device)
+        if self.hidden_rows is not None:
+            w, b = w[self.hidden_rows], b[self.hidden_rows]
+        self.wk, self.b = w[:, self.chan.to(w.device)], b
+        n = len(self.chan)
+        self.xtx = torch.zeros(n, n, dtype=torch.float64, device=w.device)
+        self.xty = torch.zeros(n, dtype=torch.float64, device=w.device)
+
+    def add(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """x: (tokens, projection inputs), target: (tokens, hidden) of one batch."""
+        if self.hidden_rows is not None:
+            target = target[:, self.hidden_rows.to(target.device)]
+        x = x.double()[:, self.chan.to(x.device)]
+        self.xtx += x.t() @ x
+        self.xty += (x * ((target.double() - self.b) @ self.wk)).sum(0)
+
+    def solve(self, damp: float) -> torch.Tensor:
+        k, width = self.k, self.width
+        gram = (self.xtx * (self.wk.t() @ self.wk)).view(k, width, k, width).sum((1, 3))
+        rhs = self.xty.view(k, width).sum(1)
+        ridge = damp * gram.diagonal().mean().clamp_min(1e-30)
+        ones = torch.ones(k, dtype=torch.float64, device=gram.device)
+        eye = torch.eye(k, dtype=torch.float64, device=gram.device)
+        return ones + torch.linalg.solve(gram + ridge * eye, rhs - gram @ ones)
 
 
 @torch.no_grad()
@@ -335,6 +339,26 @@ def _fold_scales(proj: nn.Module, chan: torch.Tensor, scale: torch.Tensor) -> No
     for w in targets:
         idx = chan.to(w.device)
         w[:, idx] = w[:, idx] * scale.to(w.device, w.dtype)[None, :]
+
+
+def _stacks(model: nn.Module) -> list[list]:
+    """The layers grouped by stack, in forward order (T5: encoder, then decoder)."""
+    out: list[list] = []
+    for lay in layer_sites(model):
+        if not out or out[-1][0].stack.name != lay.stack.name:
+            out.append([])
+        out[-1].append(lay)
+    return out
+
+
+def _blocks(lay, plan: PruningPlan, masks: Masks) -> list[tuple]:
+    """A layer's narrowable blocks in forward order: (key, output projection, units, unit width, kept, mask
+    store, mask key)."""
+    blocks = [(a.key, a.proj("o"), a.num_heads, a.head_dim, plan.heads.get(a.key), masks.heads, a.key)
+              for a in lay.attentions.values()]
+    blocks.append(("ffn:" + lay.key, lay.ffn.output, lay.ffn.width, 1, plan.neurons.get(lay.key), masks.neurons,
+                   lay.key))
+    return blocks
 
 
 def kwon_rescale(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], *, damp: float = 1e-4,
@@ -347,7 +371,11 @@ def kwon_rescale(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], *
     As in Kwon et al.'s code, a solve with a scale beyond ±`max_scale` (or not finite) stops the
     procedure there: that block and the later ones keep scale 1. Returns the scales (keys: attention site
     keys, "ffn:<layer>"); plan.meta["kwon_rescale"] records what was rescaled and where it stopped.
-    Cost: two forward passes over the sample up to each narrowed block; memory: (kept channels)^2 per block.
+
+    Cost: as Kwon et al.'s code, layer by layer: the dense and the pruned streams are carried from layer to
+    layer (:class:`LayerReplay`), so a block costs one layer's compute per pass, not the model's up to it
+    (SmolLM2, 60 blocks: about 4 forward passes over the sample rather than 60). Memory: both streams' hidden
+    states on the sample, and (kept channels)^2 per block.
     """
     plan.validate(model)
     batches = list(each_batch(model, batches))
@@ -359,24 +387,41 @@ def kwon_rescale(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], *
     folds: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     stopped = None
     with scoring(model), torch.no_grad():
-        for lay in layer_sites(model):
-            blocks = [(a.key, a.proj("o"), a.num_heads, a.head_dim, plan.heads.get(a.key), masks.heads, a.key)
-                      for a in lay.attentions.values()]
-            blocks.append(("ffn:" + lay.key, lay.ffn.output, lay.ffn.width, 1, plan.neurons.get(lay.key),
-                           masks.neurons, lay.key))
-            for index, (key, proj, units, width, kept, store, mask_name) in enumerate(blocks):
-                if stopped or kept is None or len(kept) in (0, units):
-                    continue
-                scale = _solve_scales(model, batches, proj, _residual_points(lay, index), kept, width, masks,
-                                      hidden_rows, rows, mask_key[lay.key], damp)
-                if not torch.isfinite(scale).all() or float(scale.abs().max()) > max_scale:
-                    stopped = key
-                    continue
-                # later blocks are fitted on the pruned model with this block's scales in place
-                idx = torch.tensor(kept, dtype=torch.long, device=store[mask_name].device)
-                store[mask_name][idx] = scale.to(store[mask_name].device, store[mask_name].dtype)
-                scales[key] = scale
-                folds.append((proj, _channels(kept, width), scale.repeat_interleave(width)))
+        for layers in _stacks(model):
+            # recorded per stack: a decoder's recorded encoder states are the rescaled pruned encoder's
+            dense = LayerReplay(model, batches, layers)
+            with attach(model, masks):
+                pruned = LayerReplay(model, batches, layers)
+            dense_in, pruned_in = dense.first, pruned.first
+            for lay in layers:
+                blocks = _blocks(lay, plan, masks)
+                # one dense run of the layer: every block's residual sum, and the next layer's input
+                points = [_residual_points(lay, i)[1] for i in range(len(blocks))] + [("layer_out", lay.module)]
+                dense_runs = [_capture(partial(dense, lay, b, dense_in[b]), points) for b in range(len(batches))]
+                for index, (key, proj, units, width, kept, store, mask_name) in enumerate(blocks):
+                    if stopped or kept is None or len(kept) in (0, units):
+                        continue
+                    before = _residual_points(lay, index)[0]
+                    eq = NormalEquations(proj, kept, width, hidden_rows)
+                    for b, batch in enumerate(batches):
+                        rows.set(batch)
+                        with attach(model, masks):
+                            residual, x = _capture(partial(pruned, lay, b, pruned_in[b]),
+                                                   [before, ("in", proj)])
+                        rk = mask_key[lay.key]
+                        eq.add(rows(x, rk), rows(dense_runs[b][index], rk).double() - rows(residual, rk).double())
+                    scale = eq.solve(damp)
+                    if not torch.isfinite(scale).all() or float(scale.abs().max()) > max_scale:
+                        stopped = key
+                        continue
+                    # later blocks are fitted on the pruned model with this block's scales in place
+                    idx = torch.tensor(kept, dtype=torch.long, device=store[mask_name].device)
+                    store[mask_name][idx] = scale.to(store[mask_name].device, store[mask_name].dtype)
+                    scales[key] = scale
+                    folds.append((proj, _channels(kept, width), scale.repeat_interleave(width)))
+                dense_in = [run[-1] for run in dense_runs]
+                with attach(model, masks):
+                    pruned_in = [layer_output(pruned(lay, b, pruned_in[b])) for b in range(len(batches))]
     for proj, chan, s in folds:
         _fold_scales(proj, chan, s)
     plan.meta["kwon_rescale"] = {"rescaled": list(scales), "stopped_at": stopped}
