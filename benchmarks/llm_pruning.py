@@ -74,16 +74,24 @@ PEER_ROWS = ("shortgpt", "wanda_sp", "flap", "torch_pruning", "torch_pruning_ffn
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _prunetune(scorer: str) -> Callable:
+COMPENSATED = "+comp"  # row suffix: FLAP's bias compensation before the plan is applied (prunetune:flap+comp)
+
+
+def _prunetune(name: str) -> Callable:
+    scorer, compensated = name.removesuffix(COMPENSATED), name.endswith(COMPENSATED)
+
     def prune(model: nn.Module, tokenizer, batches: list[dict], keep: float, args) -> dict:
-        from prunetune.importance import compute
+        from prunetune.importance import channel_stats, compensate, compute
         from prunetune.plan import Budget, select
         from prunetune.surgery import apply_plan
 
         scores = compute(model, batches, scorer)
         plan = select(model, scores, Budget(keep_params=keep))
+        if compensated:  # the removed channels' mean contribution folded into the output biases, as FLAP does
+            compensate(model, plan, channel_stats(model, batches))
         apply_plan(model, plan)
-        return {"scorer": scorer, "plan_meta": {k: v for k, v in plan.meta.items() if k != "budget"}}
+        return {"scorer": scorer, "compensated": compensated,
+                "plan_meta": {k: v for k, v in plan.meta.items() if k != "budget"}}
 
     return prune
 
@@ -374,7 +382,7 @@ def available_rows(args) -> tuple[list[str], list[str]]:
             if missing:
                 notes.append(f"prunetune scorers not registered in this build (skipped): {', '.join(missing)}")
         elif r.startswith("prunetune:"):
-            if r.split(":", 1)[1] in SCORERS:
+            if r.split(":", 1)[1].removesuffix(COMPENSATED) in SCORERS:
                 rows.append(r)
             else:
                 notes.append(f"{r}: not registered in this build (skipped)")
@@ -494,8 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--articles-file", default=str(SHARED / "cnn_dailymail" / "validation.jsonl"))
     p.add_argument("--keeps", default="0.9,0.8,0.7", help="fractions of the layer parameters to keep")
     p.add_argument("--rows", default="dense,prunetune," + ",".join(PEER_ROWS),
-                   help="comma-separated: dense, prunetune (every decoder scorer), prunetune:SCORER, "
-                        + ", ".join(PEER_ROWS))
+                   help="comma-separated: dense, prunetune (every decoder scorer), prunetune:SCORER "
+                        "(SCORER+comp: with FLAP's bias compensation), " + ", ".join(PEER_ROWS))
     p.add_argument("--scorers", help=f"prunetune scorers for the `prunetune` row (default: {', '.join(DECODER_SCORERS)}"
                                      ", those registered)")
     p.add_argument("--default-scorer", help="the scorer the Done-when check is about (default: prunetune's "
