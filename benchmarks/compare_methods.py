@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from cli_runs import run_report
 
 from prunetune.bench import compare_inference, machine_description
 
@@ -54,20 +54,8 @@ def run_method(name: str, args, out: Path) -> dict:
     if method == "prune-lora" and args.neurons_keep:
         cmd += ["--neurons-keep", str(args.neurons_keep)]
     cmd += extra
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    if args.heap == "compact":
-        # glibc's default keeps freed activations in the heap (its mmap threshold grows to 32 MiB), so the
-        # resident peak measured the allocator's history more than the method: 1125 MB for a LoRA run whose
-        # live tensors peak near 480 MB. A fixed 64 KiB threshold maps every larger block on its own and
-        # unmaps it on free; it slows CPU training ~1.5x, for every method alike.
-        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
-    print(report["summary"], flush=True)
-    return report
+    return run_report(cmd, out, name, compact_heap=args.heap == "compact")
 
 
 def table(results: dict[str, dict], infer: dict[str, dict]) -> str:

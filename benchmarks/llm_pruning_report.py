@@ -22,6 +22,12 @@ LABEL = {
 }
 
 
+def _failed_row(r: dict, lead: list[str], blanks: int) -> str:
+    """A table row for a run that did not finish: its keep, `lead` cells, dashes, and how it failed."""
+    why = f"{r['status']}: {r.get('error', '')}".replace("|", "/")
+    return "| " + " | ".join([f"{r['keep']:g}", *lead, *["—"] * blanks, why]) + " |"
+
+
 def family(row: str) -> str:
     return "prunetune" if row.startswith("prunetune:") else FAMILY[row]
 
@@ -69,8 +75,7 @@ def markdown(report: dict, keeps: list[float]) -> str:
     for r in rows:
         name = label(r["row"], scorer)
         if r["status"] != "ok":
-            lines.append(f"| {r['keep']:g} | {name} | {family(r['row'])} | — | — | — | — | — | — | — | — | — "
-                         f"| {r['status']}: {r.get('error', '').replace('|', '/')} |")
+            lines.append(_failed_row(r, [name, family(r["row"])], 9))
             continue
         k, d = r["kept"], r["dense"]
         ratio = r["latency_s"] / dense["latency_s"] if dense else None
@@ -98,7 +103,7 @@ def markdown(report: dict, keeps: list[float]) -> str:
         for r in recovered:
             name = label(r["row"], scorer)
             if r["status"] != "ok":
-                lines.append(f"| {r['keep']:g} | {name} | — | — | — | — | — | {r['status']}: {r.get('error', '')} |")
+                lines.append(_failed_row(r, [name], 5))
                 continue
             rc = r["recovery"]
             rel = rc["instr_ppl_after"] / ref if ref else None

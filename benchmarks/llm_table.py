@@ -35,7 +35,7 @@ SHOWN = {"arc_challenge": "ARC-C", "arc_easy": "ARC-E", "hellaswag": "HellaSwag"
 
 def _env(args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # resident memory follows the live tensors (compare_methods.py)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # resident memory follows the live tensors (cli_runs.py)
     return env
 
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import subprocess
 import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+
+from cli_runs import run_report
 
 import prunetune
 from prunetune.bench import compare_inference, machine_description
@@ -54,17 +54,10 @@ def run_method(method: str, args, out: Path) -> dict:
                         ("--eval-every", args.eval_every)):
         if value:
             cmd += [flag, str(value)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    if args.heap == "compact":  # resident memory follows the live tensors (see compare_methods.py)
-        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     print(f"== {method}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
+    report = run_report(cmd, out, method, compact_heap=args.heap == "compact")
     report["wall_s"] = time.perf_counter() - t0  # the whole process: data, training, export, evaluations
-    print(report["summary"], flush=True)
     return report
 
 

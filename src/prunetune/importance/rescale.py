@@ -403,12 +403,12 @@ def kwon_rescale(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], *
                         continue
                     before = _residual_points(lay, index)[0]
                     eq = NormalEquations(proj, kept, width, hidden_rows)
+                    rk = mask_key[lay.key]
                     for b, batch in enumerate(batches):
                         rows.set(batch)
                         with attach(model, masks):
                             residual, x = _capture(partial(pruned, lay, b, pruned_in[b]),
                                                    [before, ("in", proj)])
-                        rk = mask_key[lay.key]
                         eq.add(rows(x, rk), rows(dense_runs[b][index], rk).double() - rows(residual, rk).double())
                     scale = eq.solve(damp)
                     if not torch.isfinite(scale).all() or float(scale.abs().max()) > max_scale:
