@@ -74,23 +74,42 @@ PEER_ROWS = ("shortgpt", "wanda_sp", "flap", "torch_pruning", "torch_pruning_ffn
 # ---------------------------------------------------------------------------------------------------------
 
 
-COMPENSATED = "+comp"  # row suffix: FLAP's bias compensation before the plan is applied (prunetune:flap+comp)
+# row suffixes after the scorer (prunetune:SCORER+MOD...): what is done with its plan besides select -> apply
+MODIFIERS = {
+    "comp": "FLAP's bias compensation: the removed channels' mean contribution folded into output biases",
+    "kwon": "Kwon et al.'s mask rearrangement and least-squares rescaling of what is kept (per-example Fisher)",
+    "mixed": "granularity mixed: whole layers and blocks ranked with heads and neurons (the scorer's block scores)",
+}
+
+
+def row_parts(name: str) -> tuple[str, list[str]]:
+    """`fisher+kwon` -> ("fisher", ["kwon"]); refuses an unknown modifier."""
+    scorer, *mods = name.split("+")
+    unknown = [m for m in mods if m not in MODIFIERS]
+    if unknown:
+        raise SystemExit(f"unknown row modifier(s) {unknown} in {name!r}; known: {', '.join(MODIFIERS)}")
+    return scorer, mods
 
 
 def _prunetune(name: str) -> Callable:
-    scorer, compensated = name.removesuffix(COMPENSATED), name.endswith(COMPENSATED)
+    scorer, mods = row_parts(name)
 
     def prune(model: nn.Module, tokenizer, batches: list[dict], keep: float, args) -> dict:
-        from prunetune.importance import channel_stats, compensate, compute
+        from prunetune.importance import channel_stats, compensate, compute, kwon_rearrange, kwon_rescale
         from prunetune.plan import Budget, select
         from prunetune.surgery import apply_plan
 
         scores = compute(model, batches, scorer)
-        plan = select(model, scores, Budget(keep_params=keep))
-        if compensated:  # the removed channels' mean contribution folded into the output biases, as FLAP does
+        budget = Budget(keep_params=keep, granularity="mixed" if "mixed" in mods else None)
+        plan = select(model, scores, budget)
+        extra: dict = {}
+        if "kwon" in mods:  # same counts per layer, re-picked for a lower block Fisher; then the kept rescaled
+            plan = kwon_rearrange(model, plan, batches)
+            extra["kwon_scales"] = len(kwon_rescale(model, plan, batches))
+        if "comp" in mods:  # the removed channels' mean contribution folded into the output biases, as FLAP does
             compensate(model, plan, channel_stats(model, batches))
         apply_plan(model, plan)
-        return {"scorer": scorer, "compensated": compensated,
+        return {"scorer": scorer, "modifiers": mods, **extra,
                 "plan_meta": {k: v for k, v in plan.meta.items() if k != "budget"}}
 
     return prune
@@ -382,7 +401,7 @@ def available_rows(args) -> tuple[list[str], list[str]]:
             if missing:
                 notes.append(f"prunetune scorers not registered in this build (skipped): {', '.join(missing)}")
         elif r.startswith("prunetune:"):
-            if r.split(":", 1)[1].removesuffix(COMPENSATED) in SCORERS:
+            if row_parts(r.split(":", 1)[1])[0] in SCORERS:
                 rows.append(r)
             else:
                 notes.append(f"{r}: not registered in this build (skipped)")
@@ -503,7 +522,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keeps", default="0.9,0.8,0.7", help="fractions of the layer parameters to keep")
     p.add_argument("--rows", default="dense,prunetune," + ",".join(PEER_ROWS),
                    help="comma-separated: dense, prunetune (every decoder scorer), prunetune:SCORER "
-                        "(SCORER+comp: with FLAP's bias compensation), " + ", ".join(PEER_ROWS))
+                        "(SCORER+MOD[+MOD]: " + "; ".join(f"{k}: {v}" for k, v in MODIFIERS.items()) + "), "
+                        + ", ".join(PEER_ROWS))
     p.add_argument("--scorers", help=f"prunetune scorers for the `prunetune` row (default: {', '.join(DECODER_SCORERS)}"
                                      ", those registered)")
     p.add_argument("--default-scorer", help="the scorer the Done-when check is about (default: prunetune's "

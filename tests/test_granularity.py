@@ -12,6 +12,7 @@ from engine_helpers import labelled_batches, masks_for, max_diff, tiny
 from test_plan import assert_gqa_valid, random_scores
 from test_selection import smollm_like
 
+from prunetune.costs import input_norm_costs
 from prunetune.errors import PrunetuneError, PruningWarning
 from prunetune.families import layer_sites
 from prunetune.importance import Scores, compute
@@ -86,12 +87,15 @@ def assert_masked_equals_pruned(model, plan: PruningPlan, family: str) -> None:
 @pytest.mark.parametrize(("family", "gqa"), GQA_CASES)
 def test_uninformative_block_scores_give_the_units_plan(family, gqa):
     """Block scores equal to their units' sums (no terms between units) and layer scores equal to their blocks':
-    "mixed" has nothing more to weigh, and chooses exactly what "units" does."""
+    "mixed" has nothing more to weigh, and chooses exactly what "units" does. (Under a parameter budget a
+    pre-norm block also owns its input norm, which "mixed" weighs and "units" cannot: FLOPs budgets only there.)"""
     model = tiny(family)
+    budgets = [dict(keep_flops=0.5, seq_len=64)]
+    if not input_norm_costs(model):
+        budgets += [dict(keep_params=0.3), dict(keep_params=0.7), dict(keep_params=0.5, prune_hidden=True)]
     for seed in range(3):
         scores = with_blocks(model, random_scores(model, seed))
-        for budget in (dict(keep_params=0.3), dict(keep_params=0.7), dict(keep_flops=0.5, seq_len=64),
-                       dict(keep_params=0.5, prune_hidden=True)):
+        for budget in budgets:
             units = quiet_select(model, scores, Budget(**budget, gqa=gqa))
             mixed = quiet_select(model, scores, Budget(**budget, gqa=gqa, granularity="mixed"))
             assert (mixed.heads, mixed.neurons, mixed.hidden) == (units.heads, units.neurons, units.hidden), budget
@@ -260,6 +264,15 @@ def test_layers_on_block_influence_is_shortgpt():
         assert (plan.meta["granularity"], plan.meta["granularity_from"]) == ("layers", "scores: whole layers only")
         assert plan.meta["dropped"]["keys"] == [f"decoder.{i}" for i in sorted(ranking[:k])]
         assert plan.meta["kept_cost"] <= fraction * dense
+        # a dropped layer takes its norms with it (pre-norm): a budget of exactly k layers drops k, not k + 1
+        exact = select(model, scores, Budget(keep_params=(dense - k * share) / dense))
+        assert exact.meta["dropped"]["keys"] == plan.meta["dropped"]["keys"]
+        assert exact.meta["kept_cost"] == pytest.approx(dense - k * share, rel=1e-12)
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, exact)
+        assert layer_param_count(pruned) == dense - k * share
+        assert sum(p.numel() for n, p in pruned.named_parameters()
+                   if any(f"layers.{i}." in n for i in ranking[:k])) == 0
 
 
 def test_layers_on_fisher_ranks_by_layer_score_per_cost():
@@ -350,7 +363,15 @@ def test_layer_chain_is_cut_at_its_envelope(family, gqa):
         pool.at_scale(scale)
         for group in pool.groups:
             fast = layer_chain(group, scale)
-            assert fast.costs == pytest.approx([sum(u.cost for u in p) for p in fast.pieces], rel=1e-12)
+            # a block's opening piece also carries its input norm (pre-norm stacks), every other piece its units
+            opener = {}
+            for i, piece in enumerate(fast.pieces):
+                block = next(b for b in group.blocks if any(piece[0] is u for u in b.units))
+                opener.setdefault(block.key, (i, block.own_hidden * scale))
+            expected = [sum(u.cost for u in p) for p in fast.pieces]
+            for i, extra in opener.values():
+                expected[i] += extra
+            assert fast.costs == pytest.approx(expected, rel=1e-12)
             cut = LayerChain(fast.pieces, fast.values, fast.costs, fast.needs)
             assert (fast.bounds, fast.seg_needs) == (cut.bounds, cut.seg_needs)
             assert fast.seg_value == pytest.approx(cut.seg_value, rel=1e-9)

@@ -13,7 +13,7 @@ from conftest import FAMILIES, logits, tiny_inputs
 from engine_helpers import labelled_batches, masks_for, max_diff, tiny
 from test_plan import assert_gqa_valid, kept_heads, kept_neurons, largest_unit, random_scores
 
-from prunetune.costs import head_costs, neuron_cost
+from prunetune.costs import head_costs, input_norm_costs, neuron_cost
 from prunetune.errors import PrunetuneError, PruningWarning
 from prunetune.families import family_of, hidden_size, layer_sites
 from prunetune.importance import Scores, compute
@@ -235,7 +235,23 @@ def least_fraction(model) -> float:
 
 def test_budget_below_the_fixed_cost_is_refused(family):
     model = tiny(family)
-    least = least_fraction(model)
+    # emptying every block also drops the input norms of pre-norm sublayers: whole blocks reach that least;
+    # units, chosen one by one, count those norms as fixed
+    bare = least_fraction(model)
+    blocks = random_scores(model)
+    for lay in layer_sites(model):
+        blocks.layers.update({s.key: 1.0 for s in lay.attentions.values() if s.num_heads})
+        blocks.layers[f"{lay.key}/ffn"] = 1.0
+    if bare > 0:  # (a LLaMA without biases keeps nothing at all once every block goes)
+        with pytest.raises(PrunetuneError, match="no selection keeps less than") as err:
+            select(model, blocks, Budget(keep_params=1e-9, granularity="blocks"))
+        assert float(re.search(r"less than ([0-9.e-]+)", str(err.value)).group(1)) == pytest.approx(bare, rel=1e-3)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PruningWarning)
+            empty = select(model, blocks, Budget(keep_params=1e-9, granularity="blocks"))
+        assert planned_param_count(model, empty) == 0
+    least = bare + sum(input_norm_costs(model).values()) / layer_param_count(model)
     with pytest.raises(PrunetuneError, match="no selection keeps less than") as err:
         select(model, random_scores(model), Budget(keep_params=1e-9))
     assert float(re.search(r"less than ([0-9.e-]+)", str(err.value)).group(1)) == pytest.approx(least, rel=1e-3)

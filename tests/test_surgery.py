@@ -130,7 +130,11 @@ def expected_layer_params(model, plan: PruningPlan) -> int:
         n = len(plan.neurons.get(lay.key, range(lay.ffn.width)))
         total += sum(n * (d + (lin.bias is not None)) for lin in lay.ffn.inputs)
         total += d * n + (d if lay.ffn.output.bias is not None else 0)
-        total += sum(d * (1 + (getattr(norm, "bias", None) is not None)) for norm in lay.norms)
+        # pre-norm stacks: the input norm of a sublayer left with nothing goes (its output would be unused)
+        emptied = [not plan.heads.get(s.key, True) for s in lay.attentions.values()] + [n == 0]
+        total += sum(d * (1 + (getattr(norm, "bias", None) is not None))
+                     for norm, empty in zip(lay.norms, emptied, strict=True)
+                     if lay.stack.post_norm or not empty)
     return total
 
 

@@ -61,15 +61,18 @@ def attn_shape(attn: nn.Module) -> AttnShape:
 
 
 def structure_counts(model: nn.Module) -> dict[str, int]:
-    """Layers, query heads, KV heads and FFN neurons of the live model (read from the weights' shapes)."""
-    heads = kv = ffn = 0
+    """Layers (those with any head or FFN neuron left: an emptied layer computes nothing), query heads, KV heads
+    and FFN neurons of the live model (read from the weights' shapes)."""
+    layers = heads = kv = ffn = 0
     for layer in decoder_layers(model):
         shape = attn_shape(layer.self_attn)
+        down = layer.mlp.down_proj
+        width = getattr(down, "base_layer", down).weight.shape[1]
         heads += shape.heads
         kv += shape.kv_heads
-        down = layer.mlp.down_proj
-        ffn += getattr(down, "base_layer", down).weight.shape[1]
-    return {"layers": len(decoder_layers(model)), "heads": heads, "kv_heads": kv, "ffn": ffn}
+        ffn += width
+        layers += bool(shape.heads or width)
+    return {"layers": layers, "heads": heads, "kv_heads": kv, "ffn": ffn}
 
 
 # ---------------------------------------------------------------------------------------------------------

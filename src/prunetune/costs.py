@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from prunetune.families import layer_sites
+from prunetune.families import input_norms, layer_sites
 
 
 def numel(linear: nn.Module) -> tuple[int, int, bool]:
@@ -61,6 +61,14 @@ def neuron_cost(ffn, hidden_scale: float = 1.0, flops_seq: int | None = None) ->
     return 2 * cost if flops_seq else cost
 
 
+def input_norm_costs(model: nn.Module) -> dict[str, float]:
+    """Parameters of the norm each sublayer of a pre-norm stack reads through, by block key ("<site key>",
+    "<layer>/ffn"): what removing that block whole also removes (surgery drops the norm of an empty sublayer).
+    All of it scales with the hidden size. Post-norm stacks (BERT) have none."""
+    return {key: float(sum(p.numel() for p in norm.parameters()))
+            for lay in layer_sites(model) for key, (_, norm) in input_norms(lay).items()}
+
+
 def layer_cost(model: nn.Module, flops_seq: int | None = None) -> float:
     """Parameters (or FLOPs per token at `flops_seq`) of the prunable layers, by the same model as selection."""
     if not flops_seq:
@@ -75,4 +83,4 @@ def layer_cost(model: nn.Module, flops_seq: int | None = None) -> float:
     return total
 
 
-__all__ = ["head_costs", "layer_cost", "layer_param_count", "neuron_cost", "numel"]
+__all__ = ["head_costs", "input_norm_costs", "layer_cost", "layer_param_count", "neuron_cost", "numel"]

@@ -12,8 +12,9 @@ needs (knapsack.LayerChain); a negative bonus merges that piece with the best on
 positive one puts it first. A layer's blocks are merged into one chain by value per cost (Horn's rule for
 trees), and the greedy and its fill work on that chain: exact on the budget as for units, since every piece's
 cost is the exact cost of its units (removing a block = keeping none of its heads, which the engine supports;
-the layer's norms stay, a residual pass-through). Where a block's score equals its units' sum (and a layer's its
-blocks'), nothing is anchored and "mixed" gives the plan "units" gives.
+in pre-norm stacks the block's input norm goes with it, a cost the block's first piece carries, so a layer
+emptied whole costs nothing, as ShortGPT's dropped layers do). Where a block's score equals its units' sum (and
+a layer's its blocks') and it owns no norm, nothing is anchored and "mixed" gives the plan "units" gives.
 
 - "units": heads, neuron groups, hidden dims (the default; block scores are not read);
 - "blocks": whole attention and FFN blocks only, kept or removed as one;
@@ -66,6 +67,10 @@ class Block:
     score: float  # B: the loss of removing it whole
     parts: float  # S: its units' scores summed
     whole: bool  # kept or dropped as one (granularity "blocks")
+    # what the block costs beyond its units, at the current hidden size (all of it scales with the hidden
+    # size): the input norm of a pre-norm sublayer, which goes when the block is emptied. Carried by the
+    # block's first piece, which every other piece then needs.
+    own_hidden: float = 0.0
 
     def __post_init__(self) -> None:
         # what layer_chain reads at every hidden size the search tries, as arrays once
@@ -81,7 +86,7 @@ class Block:
 
     @property
     def anchored(self) -> bool:
-        return _anchored(self.score, self.parts)
+        return _anchored(self.score, self.parts) or self.own_hidden > 0
 
 
 @dataclass
@@ -112,8 +117,11 @@ class Group:
         return max(0.0, self.score - loss)
 
 
-def build_groups(chains: list[list[Unit]], layers: dict[str, float], granularity: Granularity) -> list[Group]:
-    """The layers' groups, from the unit chains and the whole-structure scores (Scores.layers)."""
+def build_groups(chains: list[list[Unit]], layers: dict[str, float], granularity: Granularity,
+                 own: dict[str, float] | None = None) -> list[Group]:
+    """The layers' groups, from the unit chains and the whole-structure scores (Scores.layers); `own`: what each
+    block costs beyond its units (costs.input_norm_costs; none under a FLOPs budget)."""
+    own = own or {}
     by_block: dict[str, list[list[Unit]]] = {}
     for chain in chains:
         by_block.setdefault(block_key(chain[0]), []).append(chain)
@@ -138,7 +146,7 @@ def build_groups(chains: list[list[Unit]], layers: dict[str, float], granularity
             # "layers" values a layer by its own score alone: its blocks' scores, if any, change nothing
             score = parts if granularity == "layers" else layers[key]
             chained = len(by_block[key]) == 1 and len(units) > 1
-            blocks.append(Block(key, units, chained, score, parts, granularity == "blocks"))
+            blocks.append(Block(key, units, chained, score, parts, granularity == "blocks", own.get(key, 0.0)))
         # a layer without a score of its own: removing it is removing its blocks
         score = layers.get(lay, sum(b.score for b in blocks))
         groups.append(Group(lay, blocks, score, granularity == "layers"))
@@ -165,19 +173,22 @@ class _Runs:
 
 def _block_runs(block: Block, scale: float) -> _Runs:
     costs = block.cost_const + block.cost_hidden * scale  # as Unit.at_scale, elementwise
+    own = block.own_hidden * scale
     if block.whole:
-        return _Runs([block.units], np.array([block.score]), np.array([costs.sum()]), [0], False)
+        return _Runs([block.units], np.array([block.score]), np.array([costs.sum() + own]), [0], False)
     pieces, scores = block.singles, block.scores
     n = len(pieces)
     if not block.chained:  # independent units, best value per cost first (the better rank on ties)
         order = np.lexsort((block.ranks, -(scores / costs)))
         pieces, scores, costs = [pieces[i] for i in order], scores[order], costs[order]
     values = scores.copy()
+    costs[0] += own  # the opening piece carries what the block costs beyond its units
     if block.anchored:
         values[0] += block.bonus
     if block.chained:
         starts = [a for a, _ in envelope(values.tolist(), costs.tolist(), [(i - 1,) if i else () for i in range(n)])]
-    elif block.anchored and block.bonus < 0:  # the opening unit is worth less: judged with the best that follow
+    elif block.anchored and (block.bonus < 0 or own > 0):
+        # the opening unit is worth less per cost: judged with the best that follow
         starts = [0, *range(_last_argmax_prefix(values, costs) + 1, n)]
     else:
         starts = list(range(n))
@@ -195,7 +206,7 @@ def layer_chain(group: Group, scale: float) -> LayerChain:
     """
     if group.whole:
         units = [u for b in group.blocks for u in b.units]
-        cost = sum(float((b.cost_const + b.cost_hidden * scale).sum()) for b in group.blocks)
+        cost = sum(float((b.cost_const + b.cost_hidden * scale).sum()) + b.own_hidden * scale for b in group.blocks)
         return LayerChain([units], [group.score], [cost], [()])
     blocks = [_block_runs(b, scale) for b in group.blocks]
     sizes = np.array([len(r.pieces) for r in blocks])

@@ -232,12 +232,17 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
     else:
         reference = budget.reference or layer_cost(model, flops_seq)  # APT: fractions of the dense model
         target = fraction * reference
-        fixed = (0.0, 0.0) if flops_seq else _fixed_cost(model)  # FLOPs: norms and biases are not counted
+        # FLOPs: norms and biases are not counted. The input norms of pre-norm blocks go with an emptied block:
+        # whole blocks carry theirs (layer_units.Block); units, chosen one by one, count them as fixed
+        bare = (0.0, 0.0) if flops_seq else _fixed_cost(model)
+        norms = sum(pool.norm_costs.values()) / hidden_size(model)
+        fixed = bare if granularity != "units" else (bare[0], bare[1] + norms)
         choice = pool.by_cost(target, fixed, reference)
         hidden_kept = len(choice.hidden) if choice.hidden is not None else hidden_size(model)
         meta.update({
             "target_cost": target, "reference_cost": reference, "cost_kind": "flops" if flops_seq else "params",
-            "estimated_cost": fixed[0] + fixed[1] * hidden_kept + sum(u.cost for u in choice.units),
+            "estimated_cost": bare[0] + bare[1] * hidden_kept + sum(u.cost for u in choice.units)
+            + pool.own_cost(choice.units, choice.hidden_scale),
         })
         plan = _hold(model, fam.name, choice, meta, target, flops_seq)
     plan.meta["dropped"] = dropped(model, plan)
@@ -265,7 +270,9 @@ def _uniform(model: nn.Module, family: str, pool: Pool, scores, budget: Budget, 
     else:
         reference = budget.reference or layer_cost(model, flops_seq)
         target = fraction * reference
+        # a uniform shape empties no block: every input norm stays
         fixed = (0.0, 0.0) if flops_seq else _fixed_cost(model)
+        fixed = (fixed[0], fixed[1] + sum(pool.norm_costs.values()) / hidden_size(model))
         ranked = upool.by_cost(target, fixed)
         if not ranked:
             raise PrunetuneError(
@@ -324,7 +331,10 @@ def _build(model: nn.Module, family: str, choice: Choice, meta: dict) -> Pruning
 
 def _fixed_cost(model: nn.Module) -> tuple[float, float]:
     """Parameters no choice of heads and neurons removes (norms, output biases, T5's position bias), measured
-    on weightless copies with every head and neuron removed: (constant, per hidden dim kept)."""
+    on weightless copies with every head and neuron removed: (constant, per hidden dim kept).
+
+    The input norms of pre-norm sublayers are not in it: surgery drops them with an emptied sublayer
+    (costs.input_norm_costs gives them, per block)."""
     layers = layer_sites(model)
     nothing = PruningPlan(
         family_of(unwrap(model)).name,

@@ -29,11 +29,19 @@ from typing import Literal
 
 from torch import nn
 
-from prunetune.costs import head_costs, neuron_cost
+from prunetune.costs import head_costs, input_norm_costs, neuron_cost
 from prunetune.errors import PrunetuneError
 from prunetune.families import hidden_size, layer_sites
 from prunetune.knapsack import TOLERANCE, Unit, knapsack
-from prunetune.layer_units import DEFAULT_GRANULARITY, GRANULARITIES, Granularity, Group, build_groups, layer_chain
+from prunetune.layer_units import (
+    DEFAULT_GRANULARITY,
+    GRANULARITIES,
+    Granularity,
+    Group,
+    block_key,
+    build_groups,
+    layer_chain,
+)
 
 Normalize = Literal["none", "per_kind", "per_layer"]
 NORMALIZE_MODES: tuple[str, ...] = ("none", "per_kind", "per_layer")
@@ -252,10 +260,13 @@ class Pool:
         if mode != "none":
             for name, kind in (("heads", self.head_units), ("neurons", self.neuron_units)):
                 self.factors[name] = _per_kind(kind)
+        # a parameter budget counts the input norms that go with emptied blocks (FLOPs budgets count no norm)
+        self.norm_costs = {} if flops_seq else input_norm_costs(model)
         # whole blocks and layers: per layer, its units with what keeping each block and the layer is worth
         self.groups: list[Group] = []
         if granularity != "units":
-            self.groups = build_groups(self.head_chains + self.neuron_chains, scores.layers, granularity)
+            self.groups = build_groups(self.head_chains + self.neuron_chains, scores.layers, granularity,
+                                       self.norm_costs)
         self.block_of = {id(u): b.key for g in self.groups for b in g.blocks for u in b.units}
 
     def kept_value(self, units: list[Unit]) -> float:
@@ -269,6 +280,11 @@ class Pool:
             key = block_of[id(u)]
             kept[key] = kept.get(key, 0.0) + u.score
         return sum(g.kept_value(kept) for g in self.groups)
+
+    def own_cost(self, units: list[Unit], scale: float) -> float:
+        """What the blocks a selection keeps any of cost beyond their units (pre-norm input norms, which surgery
+        drops with an emptied block; layer_units.Block), at hidden scale `scale`."""
+        return sum(self.norm_costs.get(key, 0.0) for key in {block_key(u) for u in units}) * scale
 
     def at_scale(self, s: float) -> None:
         for units in (self.head_units, self.neuron_units):

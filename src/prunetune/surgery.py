@@ -17,6 +17,7 @@ from torch import nn
 from prunetune import adapters
 from prunetune.families import (
     AttentionSite,
+    drop_dead_norms,
     family_of,
     get,
     hidden_sites,
@@ -182,6 +183,10 @@ def apply_plan(model: nn.Module, plan: PruningPlan, log: SliceLog | None = None)
             prune_linear(lin, "in", idx, log, done)
         for lin, _ in sites["linear_out"]:
             prune_linear(lin, "out", idx, log, done)
+    # an empty sublayer ignores its input: the norm feeding it goes too (pre-norm stacks), so a layer emptied
+    # whole leaves nothing behind (selection counts these norms with their blocks, see layer_units.Block)
+    for lay in layer_sites(model):
+        drop_dead_norms(lay)
     _record_layout(top, plan, dense_shapes)
     return log
 

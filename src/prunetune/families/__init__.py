@@ -9,12 +9,14 @@ from prunetune.families.blocks import (
     EmptyAttention,
     EmptyCore,
     cache_argument,
+    drop_dead_norms,
     install_position_bias_hooks,
     make_empty_attention,
     set_head_count,
 )
 from prunetune.families.sites import (
     AttentionSite,
+    DroppedNorm,
     FFNSite,
     LayerSites,
     all_norms,
@@ -26,6 +28,7 @@ from prunetune.families.sites import (
     hidden_sites,
     hidden_size,
     in_width,
+    input_norms,
     layer_input,
     layer_output,
     layer_sites,
@@ -54,6 +57,9 @@ from prunetune.families.table import (
 
 __all__ = [
     "all_norms",
+    "DroppedNorm",
+    "drop_dead_norms",
+    "input_norms",
     "AttentionSite",
     "AttentionSpec",
     "auto_class_names",

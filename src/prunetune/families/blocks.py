@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from prunetune.families.sites import AttentionSite, get
+from prunetune.families.sites import AttentionSite, DroppedNorm, LayerSites, get, input_norms, set_module
 
 if TYPE_CHECKING:
     from transformers.cache_utils import Cache
@@ -130,6 +130,20 @@ def make_empty_attention(site: AttentionSite) -> tuple[str, nn.Module]:
     o_name = spec.o.rpartition(".")[2]
     keep = _T5_BIAS_ATTRS if spec.position_bias else ()
     return spec.module, EmptyAttention(site.module, o_name, keep, self_attention=spec.name == "self")
+
+
+def drop_dead_norms(lay: LayerSites) -> list[str]:
+    """Replace the input norm of every empty sublayer of a pre-norm layer by a :class:`DroppedNorm`; returns the
+    block keys whose norm went. `lay` must be read after the surgery that emptied them (head counts are live)."""
+    empty = {s.key for s in lay.attentions.values() if not s.num_heads}
+    if not lay.ffn.width:
+        empty.add(f"{lay.key}/ffn")
+    dropped = []
+    for key, (path, norm) in input_norms(lay).items():
+        if key in empty and not isinstance(norm, DroppedNorm):
+            set_module(lay.module, path, DroppedNorm())
+            dropped.append(key)
+    return dropped
 
 
 def set_head_count(site: AttentionSite, heads: int, kv_heads: int) -> None:

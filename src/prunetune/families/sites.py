@@ -126,6 +126,27 @@ class LayerSites:
     norms: list[nn.Module]
 
 
+class DroppedNorm(nn.Module):
+    """What stands where a pre-norm sublayer's input norm was, once the sublayer is empty (no head or no FFN
+    neuron left): that sublayer returns its bias or zeros whatever it reads, so the norm computed nothing that
+    was used. Parameterless, so a layer emptied whole costs nothing at all (ShortGPT's layer dropping, to the
+    parameter); it still passes its input on, so hooks on it (the rescaling's residual points) keep working."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def input_norms(lay: LayerSites) -> dict[str, tuple[str, nn.Module]]:
+    """Pre-norm stacks (LLaMA, T5): the norm each sublayer reads the residual stream through, by block key (an
+    attention site's key, or "<layer>/ffn"), as (its path in the layer, the module). Post-norm stacks (BERT)
+    give none: their norms sit on the residual sum and stay whatever the sublayer holds."""
+    if lay.stack.post_norm:
+        return {}
+    keys = [s.key for s in lay.attentions.values()] + [f"{lay.key}/ffn"]
+    return {k: (path, norm) for k, path, norm in zip(keys, lay.stack.norms, lay.norms, strict=True)
+            if norm is not None}
+
+
 def out_width(linear: nn.Module) -> int:
     # a LoRA-wrapped linear (PEFT's tuner layers) answers .weight with its base layer's: one path for both
     return linear.weight.shape[0]
@@ -202,7 +223,7 @@ def all_norms(model: nn.Module) -> list[nn.Module]:
     for layer in layer_sites(model):
         norms.extend(layer.norms)
     norms.extend(get(unwrap(model), p) for p in fam.head_norms)
-    return [n for n in norms if n is not None]
+    return [n for n in norms if n is not None and not isinstance(n, DroppedNorm)]
 
 
 def _head_class_readers(fam: Family, top: nn.Module) -> tuple[str, ...]:
