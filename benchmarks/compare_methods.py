@@ -6,7 +6,7 @@ the level just before the model was loaded). Inference latency and memory of the
 then measured in fresh processes, interleaved in rounds (prunetune.bench.compare_inference).
 
     python benchmarks/compare_methods.py --methods full lora prune-lora --out runs/compare
-    python benchmarks/compare_methods.py --epochs 1 --keep-params 0.4   # all methods, and apt without distillation
+    python benchmarks/compare_methods.py --epochs 1 --keep-params 0.4   # all methods, and apt with distillation
 
 Prints the table of the Pruning-Adapter paper (accuracy, parameters, memory, relative training time,
 inference) and APT's (everything relative to full fine-tuning), and writes results.json / results.md.
@@ -24,15 +24,16 @@ from cli_runs import run_report
 
 from prunetune.bench import compare_inference, machine_description
 
-# extra rows: a method with other flags. apt runs as its authors run it; each apt-no-* row takes one of its pieces
-# away (README "APT as its authors run it"); apt-distill-best: the teacher is the best evaluation so far
+# extra rows: a method with other flags. Each row takes one piece away from (or adds one to) apt at its defaults
+# (README "APT as its authors run it"); apt-distill-best: the teacher is the best evaluation so far
 VARIANTS = {
-    "apt-distill-best": ("apt", ["--distill-teacher", "best", "--eval-every", "25"]),
-    "apt-no-distill": ("apt", ["--no-distill"]),
+    "apt-distill": ("apt", ["--distill"]),
+    "apt-distill-full": ("apt", ["--distill", "--distill-weight", "1"]),  # APT's code: the task loss ramped out
+    "apt-distill-best": ("apt", ["--distill", "--distill-teacher", "best", "--eval-every", "25"]),
     "apt-no-decay": ("apt", ["--mask-decay", "0"]),
     "apt-no-warmup": ("apt", ["--salience-warmup", "0"]),
     "apt-layer-growth": ("apt", ["--growth", "layer"]),
-    "apt-salience": ("apt", ["--signal", "salience"]),
+    "apt-signal-apt": ("apt", ["--signal", "apt"]),  # APT's code's salience: per-channel sums multiplied
 }
 
 
@@ -81,7 +82,7 @@ def table(results: dict[str, dict], infer: dict[str, dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+",
-                   default=["full", "lora", "lora-prune", "prune-lora", "apt", "apt-no-distill"])
+                   default=["full", "lora", "lora-prune", "prune-lora", "apt", "apt-distill"])
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)

@@ -79,13 +79,14 @@ MODIFIERS = {
     "comp": "FLAP's bias compensation: the removed channels' mean contribution folded into output biases",
     "kwon": "Kwon et al.'s mask rearrangement and least-squares rescaling of what is kept (per-example Fisher)",
     "mixed": "granularity mixed: whole layers and blocks ranked with heads and neurons (the scorer's block scores)",
+    "iterN": "N rounds of score -> select -> remove, each to a step of the budget (of the dense model), scored anew",
 }
 
 
 def row_parts(name: str) -> tuple[str, list[str]]:
     """`fisher+kwon` -> ("fisher", ["kwon"]); refuses an unknown modifier."""
     scorer, *mods = name.split("+")
-    unknown = [m for m in mods if m not in MODIFIERS]
+    unknown = [m for m in mods if m not in MODIFIERS and not (m.startswith("iter") and m[4:].isdigit())]
     if unknown:
         raise SystemExit(f"unknown row modifier(s) {unknown} in {name!r}; known: {', '.join(MODIFIERS)}")
     return scorer, mods
@@ -96,12 +97,18 @@ def _prunetune(name: str) -> Callable:
 
     def prune(model: nn.Module, tokenizer, batches: list[dict], keep: float, args) -> dict:
         from prunetune.importance import channel_stats, compensate, compute, kwon_rearrange, kwon_rescale
-        from prunetune.plan import Budget, select
+        from prunetune.plan import Budget, layer_cost, select
         from prunetune.surgery import apply_plan
 
+        rounds = next((int(m[4:]) for m in mods if m.startswith("iter")), 1)
+        reference = layer_cost(model)
+        granularity = "mixed" if "mixed" in mods else None
+        for r in range(1, rounds):  # the earlier rounds: a share of the cut each, scores taken again after it
+            step_keep = 1 - (1 - keep) * r / rounds
+            apply_plan(model, select(model, compute(model, batches, scorer),
+                                     Budget(keep_params=step_keep, reference=reference, granularity=granularity)))
         scores = compute(model, batches, scorer)
-        budget = Budget(keep_params=keep, granularity="mixed" if "mixed" in mods else None)
-        plan = select(model, scores, budget)
+        plan = select(model, scores, Budget(keep_params=keep, reference=reference, granularity=granularity))
         extra: dict = {}
         if "kwon" in mods:  # same counts per layer, re-picked for a lower block Fisher; then the kept rescaled
             plan = kwon_rearrange(model, plan, batches)

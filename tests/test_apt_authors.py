@@ -171,7 +171,7 @@ def test_growth_picks_the_adapters_with_the_most_own_salience():
 
 def test_momentum_teacher_never_sees_the_students_updates():
     model, dense = lora_classifier()
-    options = apt_options(keep=0.5, prune_steps=2, prune_start=0.4, prune_end=0.8, teacher_momentum=0.9)
+    options = apt_options(keep=0.5, prune_steps=2, prune_start=0.4, prune_end=0.8, teacher_momentum=0.9, distill=True)
     hook = AptHook(model, *options, dense)
     m = 0.9
     seen: dict = {"checked": 0}
@@ -215,7 +215,8 @@ def test_momentum_teacher_never_sees_the_students_updates():
 
 def test_distillation_weight_ramps_over_the_pruning_window():
     model, dense = lora_classifier()
-    hook = AptHook(model, *apt_options(prune_steps=3, prune_start=0.2, prune_end=0.6), dense)
+    hook = AptHook(model, *apt_options(prune_steps=3, prune_start=0.2, prune_end=0.6, distill=True,
+                                       distill_weight=1.0), dense)
     hook.start(50, Runtime.single())
     start, end = hook.distiller.window
     assert start == min(hook.decide_at) and end == max(hook.schedule)

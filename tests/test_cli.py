@@ -267,7 +267,7 @@ BAD_INPUT = {
     "apt scorer without pruning first": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt",
                                           "--scorer", "fisher"], "--scorer needs --prune-before-training"),
     "apt best teacher without evaluations": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt",
-                                              "--distill-teacher", "best"],
+                                              "--distill", "--distill-teacher", "best"],
                                              "--distill-teacher best needs --eval-every"),
     "finetune unknown scorer": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt",
                                  "--prune-before-training", "--scorer", "x"], "unknown importance scorer"),
