@@ -362,6 +362,9 @@ def run_process(args, row: str, keep: float, recover: bool = False) -> dict:
     out = workdir / f"{tag}.json"
     if args.reuse and out.exists():
         return json.loads(out.read_text())
+    if args.report_only:
+        return {"row": row, "keep": keep, "recover": recover, "status": "not run",
+                "error": f"no result in {workdir} (--report-only)"}
     out.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     if args.heap == "compact":  # resident memory follows the live tensors (see benchmarks/README.md)
@@ -568,6 +571,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--row-timeout", type=float, default=3 * 3600.0, help="seconds before a row is killed")
     p.add_argument("--workdir", default="runs/llm_pruning", help="per-row JSON and logs")
     p.add_argument("--reuse", action="store_true", help="keep row results already in --workdir")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: the table from the rows in --workdir (with --reuse), the others marked not run")
     p.add_argument("--out", default=str(HERE / "results" / "llm_pruning"), help="writes OUT.json and OUT.md")
     p.add_argument("--make-tiny", metavar="DIR", help="write a tiny random GQA LLaMA to DIR and exit")
     # internal: one row in this process

@@ -22,7 +22,7 @@ from prunetune.config import AptOptions, RunConfig, target_budget, targets_for
 from prunetune.distill import Distiller
 from prunetune.families import unwrap
 from prunetune.growth import GROWTH, AdapterSalience
-from prunetune.importance import ActivationStats, compute
+from prunetune.importance import DEFAULT_DECODER_SCORER, PROXY, ActivationStats, compute
 from prunetune.plan import Budget, PruningPlan, layer_cost, model_info, select
 from prunetune.runtime import Runtime
 from prunetune.softmask import SoftMaskDecay, decay_windows
@@ -254,12 +254,13 @@ def plan_before_training(model: nn.Module, sample_loader, target: Budget, option
                          runtime: Runtime) -> PruningPlan:
     """The plan of `apt --prune-before-training` (large decoders): an outlier-aware score on a calibration sample,
     pruned once to the target, then tuned. Shared by the recipe and the Trainer callback."""
-    scorer = options.scorer or "salience_kurtosis"
+    scorer = options.scorer or DEFAULT_DECODER_SCORER
     # every rank scores the same sample; the main rank's scores decide (GPU kernels need not agree to the bit)
     scores = runtime.broadcast(compute(model, sample_loader, scorer, hidden=options.prune_hidden))
-    # each layer's scores are L2-normalised (raw scores differ by orders of magnitude between layers of a
-    # decoder), which leaves kinds incomparable: per_layer then rescales each kind to its cost share
-    plan = select(model, scores, target, normalize="per_layer")
+    # scores in a loss unit (Fisher, Taylor) are ranked as they are; a proxy's raw scores differ by orders of
+    # magnitude between layers of a decoder, so each layer's are L2-normalised and each kind put on its cost share
+    proxy = (scores.meta or {}).get("unit", PROXY) == PROXY
+    plan = select(model, scores, target, normalize="per_layer" if proxy else None)
     plan.meta["scorer"] = scorer
     return plan
 

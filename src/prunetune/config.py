@@ -188,7 +188,8 @@ class AptOptions(_Part):
     teacher_momentum: float = _opt(0.99, "the momentum teacher's average: teacher = m teacher + (1 - m) student "
                                          "after every step once pruning started", methods=_APT)
     prune_before_training: bool = _opt(False, "prune once on a calibration sample, then tune", methods=_APT)
-    scorer: str | None = _opt(None, "the importance scorer of --prune-before-training (default salience_kurtosis)",
+    scorer: str | None = _opt(None, "the importance scorer of --prune-before-training (default fisher, chosen by "
+                                    "benchmarks/llm_pruning.py; APT's own: salience_kurtosis)",
                               methods=_APT)
     prune_steps: int = _opt(10, "pruning steps, spread over the early part of training", methods=_APT)
     # Salience needs some tuning to mean anything: pruning from 5% to 50% of a one-epoch SST-2 run gave 79.9,

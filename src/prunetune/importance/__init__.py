@@ -33,7 +33,14 @@ from prunetune.importance.scores import (
 )
 from prunetune.importance.stats import ActivationStats
 
+# The scorer of a decoder pruned before training (`apt --prune-before-training`), chosen by measurement
+# (benchmarks/llm_pruning.py, README "Decoder pruning against peers"): on SmolLM2 with no training Fisher gave
+# the lowest held-out perplexity of prunetune's scorers at 90% and 70% of the layer parameters (salience_kurtosis,
+# APT's own, 55.5 against Fisher's 13.1 after the same short LoRA run; benchmarks/llama_instruct.py).
+DEFAULT_DECODER_SCORER = "fisher"
+
 __all__ = [
+    "DEFAULT_DECODER_SCORER",
     "FIRST_ORDER", "FISHER", "NORMALIZE", "PROXY", "SCORERS", "ActivationStats", "Scores", "block_importance",
     "channel_stats", "compensate", "compute", "get_scorer", "heatmap", "kwon_rearrange", "kwon_rescale",
     "mask_gradients", "rank_correlation", "register",
