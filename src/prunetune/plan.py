@@ -235,8 +235,7 @@ def select(model: nn.Module, scores, budget: Budget, *, normalize: Normalize | N
         # FLOPs: norms and biases are not counted. The input norms of pre-norm blocks go with an emptied block:
         # whole blocks carry theirs (layer_units.Block); units, chosen one by one, count them as fixed
         bare = (0.0, 0.0) if flops_seq else _fixed_cost(model)
-        norms = sum(pool.norm_costs.values()) / hidden_size(model)
-        fixed = bare if granularity != "units" else (bare[0], bare[1] + norms)
+        fixed = bare if granularity != "units" else (bare[0], bare[1] + pool.norms_per_dim)
         choice = pool.by_cost(target, fixed, reference)
         hidden_kept = len(choice.hidden) if choice.hidden is not None else hidden_size(model)
         meta.update({
@@ -272,7 +271,7 @@ def _uniform(model: nn.Module, family: str, pool: Pool, scores, budget: Budget, 
         target = fraction * reference
         # a uniform shape empties no block: every input norm stays
         fixed = (0.0, 0.0) if flops_seq else _fixed_cost(model)
-        fixed = (fixed[0], fixed[1] + sum(pool.norm_costs.values()) / hidden_size(model))
+        fixed = (fixed[0], fixed[1] + pool.norms_per_dim)
         ranked = upool.by_cost(target, fixed)
         if not ranked:
             raise PrunetuneError(

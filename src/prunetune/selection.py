@@ -281,6 +281,12 @@ class Pool:
             kept[key] = kept.get(key, 0.0) + u.score
         return sum(g.kept_value(kept) for g in self.groups)
 
+    @property
+    def norms_per_dim(self) -> float:
+        """The input norms of every pre-norm block per hidden dim kept: fixed for a selection that keeps every
+        block (units chosen one by one, uniform shapes), carried by the blocks otherwise."""
+        return sum(self.norm_costs.values()) / self.hidden_now
+
     def own_cost(self, units: list[Unit], scale: float) -> float:
         """What the blocks a selection keeps any of cost beyond their units (pre-norm input norms, which surgery
         drops with an emptied block; layer_units.Block), at hidden scale `scale`."""

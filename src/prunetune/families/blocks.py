@@ -132,18 +132,15 @@ def make_empty_attention(site: AttentionSite) -> tuple[str, nn.Module]:
     return spec.module, EmptyAttention(site.module, o_name, keep, self_attention=spec.name == "self")
 
 
-def drop_dead_norms(lay: LayerSites) -> list[str]:
-    """Replace the input norm of every empty sublayer of a pre-norm layer by a :class:`DroppedNorm`; returns the
-    block keys whose norm went. `lay` must be read after the surgery that emptied them (head counts are live)."""
+def drop_dead_norms(lay: LayerSites) -> None:
+    """Replace the input norm of every empty sublayer of a pre-norm layer by a :class:`DroppedNorm`. `lay` must be
+    read after the surgery that emptied them (head counts are live)."""
     empty = {s.key for s in lay.attentions.values() if not s.num_heads}
     if not lay.ffn.width:
         empty.add(f"{lay.key}/ffn")
-    dropped = []
     for key, (path, norm) in input_norms(lay).items():
         if key in empty and not isinstance(norm, DroppedNorm):
             set_module(lay.module, path, DroppedNorm())
-            dropped.append(key)
-    return dropped
 
 
 def set_head_count(site: AttentionSite, heads: int, kv_heads: int) -> None:
