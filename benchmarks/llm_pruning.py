@@ -78,7 +78,10 @@ PEER_ROWS = ("shortgpt", "wanda_sp", "flap", "torch_pruning", "torch_pruning_ffn
 MODIFIERS = {
     "comp": "FLAP's bias compensation: the removed channels' mean contribution folded into output biases",
     "kwon": "Kwon et al.'s mask rearrangement and least-squares rescaling of what is kept (per-example Fisher)",
+    "layers": "granularity layers: whole layers only, ranked by the scorer's whole-layer scores",
     "mixed": "granularity mixed: whole layers and blocks ranked with heads and neurons (the scorer's block scores)",
+    "measured": "whole-block scores measured on the calibration sample (fisher's blocks='measured'), not estimated",
+    "dropK": "first drop the K layers of least block influence (ShortGPT), then the scorer's units to the budget",
     "iterN": "N rounds of score -> select -> remove, each to a step of the budget (of the dense model), scored anew",
 }
 
@@ -86,7 +89,8 @@ MODIFIERS = {
 def row_parts(name: str) -> tuple[str, list[str]]:
     """`fisher+kwon` -> ("fisher", ["kwon"]); refuses an unknown modifier."""
     scorer, *mods = name.split("+")
-    unknown = [m for m in mods if m not in MODIFIERS and not (m.startswith("iter") and m[4:].isdigit())]
+    unknown = [m for m in mods if m not in MODIFIERS
+               and not any(m.startswith(p) and m[len(p):].isdigit() for p in ("iter", "drop"))]
     if unknown:
         raise SystemExit(f"unknown row modifier(s) {unknown} in {name!r}; known: {', '.join(MODIFIERS)}")
     return scorer, mods
@@ -96,18 +100,26 @@ def _prunetune(name: str) -> Callable:
     scorer, mods = row_parts(name)
 
     def prune(model: nn.Module, tokenizer, batches: list[dict], keep: float, args) -> dict:
-        from prunetune.importance import channel_stats, compensate, compute, kwon_rearrange, kwon_rescale
+        from prunetune.importance import Scores, channel_stats, compensate, compute, kwon_rearrange, kwon_rescale
         from prunetune.plan import Budget, layer_cost, select
         from prunetune.surgery import apply_plan
 
         rounds = next((int(m[4:]) for m in mods if m.startswith("iter")), 1)
+        drop = next((int(m[4:]) for m in mods if m.startswith("drop")), 0)
         reference = layer_cost(model)
-        granularity = "mixed" if "mixed" in mods else None
+        if drop:  # whole layers first, by ShortGPT's influence; the budget's rest goes to the scorer's units
+            influence = compute(model, batches, "block_influence")
+            layers = sorted(influence.layers, key=influence.layers.get)[:drop]
+            apply_plan(model, select(model, Scores(layers={k: (0.0 if k in layers else 1.0)
+                                                           for k in influence.layers}),
+                                     Budget(keep_params=1 - drop / len(influence.layers) + 1e-9, reference=reference)))
+        granularity = next((g for g in ("mixed", "layers") if g in mods), None)
+        options = {"blocks": "measured"} if "measured" in mods else {}
         for r in range(1, rounds):  # the earlier rounds: a share of the cut each, scores taken again after it
             step_keep = 1 - (1 - keep) * r / rounds
-            apply_plan(model, select(model, compute(model, batches, scorer),
+            apply_plan(model, select(model, compute(model, batches, scorer, **options),
                                      Budget(keep_params=step_keep, reference=reference, granularity=granularity)))
-        scores = compute(model, batches, scorer)
+        scores = compute(model, batches, scorer, **options)
         plan = select(model, scores, Budget(keep_params=keep, reference=reference, granularity=granularity))
         extra: dict = {}
         if "kwon" in mods:  # same counts per layer, re-picked for a lower block Fisher; then the kept rescaled

@@ -431,3 +431,38 @@ def test_sliced_products_equal_the_whole(signal, monkeypatch):
     for a, b in [*zip(whole.heads.values(), sliced.heads.values(), strict=True),
                  *zip(whole.neurons.values(), sliced.neurons.values(), strict=True), (whole.hidden, sliced.hidden)]:
         assert a == pytest.approx(b, rel=1e-5, abs=1e-12)
+
+
+def test_measured_block_scores_are_the_loss_with_the_block_masked(family):
+    """fisher's blocks="measured": each whole structure's score is the sample's loss with it masked, minus the
+    loss with nothing masked, computed here by full forward passes (the scorer replays the layers before it)."""
+    from prunetune.masks import Masks, attach
+
+    model, batches = tiny(family), labelled_batches(family)
+    scores = compute(model, batches, "fisher", blocks="measured", measure_examples=0)
+    estimated = compute(model, batches, "fisher")
+    assert scores.heads == estimated.heads and scores.neurons == estimated.neurons  # the units are Fisher's
+    assert set(scores.layers) == set(estimated.layers) and scores.meta["measured_examples"] == 6
+    assert scores.meta["options"]["blocks"] == "measured"
+    model.eval()
+
+    def mean_loss(masks=None) -> float:
+        total = 0.0
+        for b in batches:
+            with torch.no_grad(), attach(model, masks or Masks.ones(model)):
+                total += float(model(**b).loss) * b["input_ids"].shape[0]
+        return total / 6
+
+    dense = mean_loss()
+    for lay in layer_sites(model):
+        members = {f"{lay.key}/ffn": ["ffn"], lay.key: ["ffn", *lay.attentions]}
+        members.update({site.key: [name] for name, site in lay.attentions.items()})
+        for name, parts in members.items():
+            masks = Masks.ones(model)
+            for part in parts:
+                (masks.neurons[lay.key] if part == "ffn" else masks.heads[f"{lay.key}/{part}"]).zero_()
+            assert scores.layers[name] == pytest.approx(mean_loss(masks) - dense, abs=1e-5), name
+    first = compute(model, batches, "fisher", blocks="measured", measure_examples=3)  # the first batch only
+    assert first.meta["measured_examples"] == 3 and first.layers != scores.layers
+    with pytest.raises(PrunetuneError, match="blocks must be one of"):
+        compute(model, batches, "fisher", blocks="guess")

@@ -7,14 +7,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from prunetune.families import layer_input, layer_output, layer_sites
-from prunetune.importance.passes import TokenRows, observe, stack_mask_keys
+from prunetune.importance.passes import TokenRows, batch_size, each_batch, loss_of, observe, scoring, stack_mask_keys
 from prunetune.importance.scores import PROXY, Scores, register
+from prunetune.masks import Masks, attach
 
 
 @register("block_influence", unit=PROXY)
@@ -47,3 +49,70 @@ def block_influence(model: nn.Module, batches: Iterable[dict], *, hidden: bool =
         handles.append(lay.module.register_forward_hook(post, with_kwargs=True))
     observe(model, batches, handles, rows)
     return Scores(layers={k: sums[k] / max(counts[k], 1) for k in sums})
+
+
+@contextmanager
+def _replaying(modules: list[nn.Module], output) -> Iterator[None]:
+    """Each of `modules` returns `output` instead of computing: the layers before the one being measured, whose
+    result (the hidden states the measured layer reads) was recorded once with nothing removed."""
+    saved = [m.__dict__.get("forward") for m in modules]  # an instance forward (accelerate's hooks) is kept
+
+    def replay(*args, **kwargs):
+        return output
+
+    for m in modules:
+        m.forward = replay
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved, strict=True):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
+
+
+def removal_losses(model: nn.Module, batches: list[dict], structures: dict[str, list[str]]) -> dict[str, float]:
+    """Measured: the sample's loss with each structure removed (its heads or neurons masked to zero, which is what
+    surgery leaves of it) minus its loss with everything kept, averaged over examples.
+
+    `structures` maps a name to the mask keys it removes together (a site key for heads, "ffn:<layer>" for
+    neurons), all in one layer. The layers before that one compute nothing new: they return the output their
+    stack's previous layer gave in one unmasked pass (recorded per batch), so a structure in layer i costs the
+    forward pass from layer i on.
+    """
+    sites = layer_sites(model)
+    position = {lay.key: n for n, lay in enumerate(sites)}
+    stack_of = {lay.key: lay.key.rsplit(".", 1)[0] for lay in sites}
+    layer_of = {name: keys[0].removeprefix("ffn:").split("/")[0] for name, keys in structures.items()}
+    totals = dict.fromkeys(structures, 0.0)
+    examples = 0
+    with scoring(model), torch.no_grad():
+        for batch in each_batch(model, batches):
+            batch = {**batch, "use_cache": False}
+            outputs: dict[str, object] = {}
+            handles = [lay.module.register_forward_hook(_recorder(outputs, lay.key)) for lay in sites]
+            try:
+                dense = float(loss_of(model, batch))
+            finally:
+                for h in handles:
+                    h.remove()
+            size = batch_size(batch)
+            for name, keys in structures.items():
+                layer = layer_of[name]
+                before = [lay for lay in sites[:position[layer]] if stack_of[lay.key] == stack_of[layer]]
+                masks = Masks.ones(model)
+                for k in keys:
+                    (masks.neurons[k[4:]] if k.startswith("ffn:") else masks.heads[k]).zero_()
+                replay = _replaying([lay.module for lay in before], outputs[before[-1].key]) if before \
+                    else nullcontext()
+                with replay, attach(model, masks):
+                    totals[name] += (float(loss_of(model, batch)) - dense) * size
+            examples += size
+    return {name: total / max(examples, 1) for name, total in totals.items()}
+
+
+def _recorder(outputs: dict, key: str):
+    def hook(module, args, output):
+        outputs[key] = output
+    return hook

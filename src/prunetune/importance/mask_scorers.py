@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunetune.errors import PrunetuneError
 from prunetune.families import layer_sites
+from prunetune.importance.layer_scorers import removal_losses
 from prunetune.importance.passes import batch_size, each_batch, loss_of, scoring
 from prunetune.importance.scores import FIRST_ORDER, FISHER, Scores, register, scores_from
 from prunetune.masks import Masks, attach
@@ -129,8 +131,42 @@ def taylor(model: nn.Module, batches: Iterable[dict], *, hidden: bool = False) -
                              {k: abs(v) for k, v in g.blocks_signed.items()})
 
 
+BLOCK_SCORES = ("estimate", "measured")  # fisher's whole-structure scores: its own estimate, or measured
+
+
 @register("fisher", unit=FISHER)
-def fisher(model: nn.Module, batches: Iterable[dict], *, hidden: bool = False) -> Scores:
-    """0.5 x mean over examples of (dL_e/dmask)^2 (Kwon et al.): the empirical-Fisher loss change estimate."""
+def fisher(model: nn.Module, batches: Iterable[dict], *, hidden: bool = False, blocks: str = "estimate",
+           measure_examples: int = 32) -> Scores:
+    """0.5 x mean over examples of (dL_e/dmask)^2 (Kwon et al.): the empirical-Fisher loss change estimate.
+
+    `blocks`: what Scores.layers holds for whole attention blocks, FFN blocks and layers. "estimate": the same
+    Fisher estimate of the block (0.5 * mean_e (sum_units g_e)^2). "measured": the loss change measured on the
+    first `measure_examples` examples of the sample (0: all) with the block removed. A second-order estimate is
+    good for a few heads or neurons and poor for a block whose removal moves the loss far: the measured change
+    is in the same unit (loss per example) and ranks blocks against units under granularity "mixed".
+    """
+    if blocks not in BLOCK_SCORES:
+        raise PrunetuneError(f"fisher: blocks must be one of {', '.join(BLOCK_SCORES)}, not {blocks!r}")
+    if measure_examples < 0:
+        raise PrunetuneError(f"fisher: measure_examples must be >= 0, not {measure_examples}")
+    batches = list(batches) if blocks == "measured" else batches  # read twice
     g = mask_gradients(model, batches, hidden=hidden)
-    return _per_example_mean(g, g.square, g.blocks_square, factor=0.5)
+    scores = _per_example_mean(g, g.square, g.blocks_square, factor=0.5)
+    if blocks == "measured":
+        sample = _first_examples(batches, measure_examples)
+        scores.layers = removal_losses(model, sample, _structures(model))
+        scores.meta["measured_examples"] = sum(batch_size(b) for b in sample)
+    return scores
+
+
+def _first_examples(batches: list[dict], n: int) -> list[dict]:
+    """The leading batches holding the first `n` examples (whole batches; n = 0: all of them)."""
+    if n == 0:
+        return batches
+    out, seen = [], 0
+    for b in batches:
+        if seen >= n:
+            break
+        out.append(b)
+        seen += batch_size(b)
+    return out
