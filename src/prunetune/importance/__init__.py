@@ -35,8 +35,9 @@ from prunetune.importance.stats import ActivationStats
 
 # The scorer of a decoder pruned before training (`apt --prune-before-training`), chosen by measurement
 # (benchmarks/llm_pruning.py, README "Decoder pruning against peers"): on SmolLM2 with no training Fisher gave
-# the lowest held-out perplexity of prunetune's scorers at 90% and 70% of the layer parameters (salience_kurtosis,
-# APT's own, 55.5 against Fisher's 13.1 after the same short LoRA run; benchmarks/llama_instruct.py).
+# the lowest held-out perplexity of every scorer and peer at 80% and 70% of the layer parameters (at 90%,
+# block_influence's whole layers are lower: 43.1 against 46.0); salience_kurtosis, APT's own, gave 55.5 against
+# Fisher's 13.1 after the same short LoRA run (benchmarks/llama_instruct.py).
 DEFAULT_DECODER_SCORER = "fisher"
 
 __all__ = [

@@ -82,9 +82,16 @@ def removal_losses(model: nn.Module, batches: list[dict], structures: dict[str, 
     forward pass from layer i on.
     """
     sites = layer_sites(model)
-    position = {lay.key: n for n, lay in enumerate(sites)}
-    stack_of = {lay.key: lay.key.rsplit(".", 1)[0] for lay in sites}
-    layer_of = {name: keys[0].removeprefix("ffn:").split("/")[0] for name, keys in structures.items()}
+    at = {lay.key: n for n, lay in enumerate(sites)}
+    # per structure, once: its masks and the modules replayed for it (its stack's layers before its own)
+    masks: dict[str, Masks] = {}
+    before: dict[str, list] = {}
+    for name, keys in structures.items():
+        own = sites[at[keys[0].removeprefix("ffn:").split("/")[0]]]
+        before[name] = [lay for lay in sites[:at[own.key]] if lay.stack is own.stack]
+        masks[name] = Masks.ones(model)
+        for k in keys:
+            (masks[name].neurons[k[4:]] if k.startswith("ffn:") else masks[name].heads[k]).zero_()
     totals = dict.fromkeys(structures, 0.0)
     examples = 0
     with scoring(model), torch.no_grad():
@@ -98,15 +105,9 @@ def removal_losses(model: nn.Module, batches: list[dict], structures: dict[str, 
                 for h in handles:
                     h.remove()
             size = batch_size(batch)
-            for name, keys in structures.items():
-                layer = layer_of[name]
-                before = [lay for lay in sites[:position[layer]] if stack_of[lay.key] == stack_of[layer]]
-                masks = Masks.ones(model)
-                for k in keys:
-                    (masks.neurons[k[4:]] if k.startswith("ffn:") else masks.heads[k]).zero_()
-                replay = _replaying([lay.module for lay in before], outputs[before[-1].key]) if before \
-                    else nullcontext()
-                with replay, attach(model, masks):
+            for name, prior in before.items():
+                replay = _replaying([lay.module for lay in prior], outputs[prior[-1].key]) if prior else nullcontext()
+                with replay, attach(model, masks[name]):
                     totals[name] += (float(loss_of(model, batch)) - dense) * size
             examples += size
     return {name: total / max(examples, 1) for name, total in totals.items()}
