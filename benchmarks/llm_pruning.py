@@ -152,6 +152,13 @@ def run_row(args) -> dict:
     result: dict = {"model": location, "threads": threads, "load_s": load_s, "dense": dense_counts,
                     "dense_layer_params": dense_layer_params}
 
+    # the teacher of the recovery: the model before pruning (the unpruned row has nothing to recover towards)
+    teacher = None
+    if args.recover and args.recover_teacher == "dense" and args.row != "dense":
+        import copy
+
+        teacher = copy.deepcopy(model)
+        result["recover_teacher"] = "dense"
     stage(f"pruning ({args.row}, keep {args.keep:g})")
     t0 = time.perf_counter()
     info = method(args.row)(model, tokenizer, calib, args.keep, args)
@@ -168,7 +175,7 @@ def run_row(args) -> dict:
     result["kept"] = structure_counts(model)
 
     if args.recover:
-        result["recovery"] = recover(model, tokenizer, articles, args, meter, stage)
+        result["recovery"] = recover(model, tokenizer, articles, args, meter, stage, teacher)
         return result
     meter.reset_peak()
     stage("perplexity on held-out articles")
@@ -182,9 +189,12 @@ def run_row(args) -> dict:
     return result
 
 
-def recover(model: nn.Module, tokenizer, articles: list[dict], args, meter, stage: Stage) -> dict:
-    """The short LoRA recovery of benchmarks/llama_instruct.py, through prunetune's Python API."""
+def recover(model: nn.Module, tokenizer, articles: list[dict], args, meter, stage: Stage,
+            teacher: nn.Module | None = None) -> dict:
+    """The short LoRA recovery of benchmarks/llama_instruct.py, through prunetune's Python API; with `teacher` (the
+    model before pruning), distilled from it as `apt --distill-teacher dense` does."""
     from prunetune import adapters, tasks
+    from prunetune.distill import DistillHook
     from prunetune.tasks.instruct import perplexity
     from prunetune.train import RunContext, TrainConfig, fit, seed_everything
 
@@ -200,7 +210,9 @@ def recover(model: nn.Module, tokenizer, articles: list[dict], args, meter, stag
     stage("LoRA recovery")
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
     # the task's evaluation knows perplexity is better lower: the best evaluation is the lowest
-    fit_result = fit(peft_model, loaders.train, task.evaluation(loaders.dev), cfg, context=RunContext(progress=False))
+    hooks = [DistillHook(teacher)] if teacher is not None else []
+    fit_result = fit(peft_model, loaders.train, task.evaluation(loaders.dev), cfg, hooks=hooks,
+                     context=RunContext(progress=False))
     train_peak = meter.read()
     after = fit_result.best["perplexity"] if fit_result.best else task.evaluate(peft_model, loaders.dev)["perplexity"]
     merged = adapters.merge(peft_model)
@@ -238,7 +250,7 @@ PASSED = (
     "model", "data", "articles_file", "calib", "calib_len", "calib_batch", "articles", "article_len", "eval_batch",
     "seed", "threads", "latency_batch", "latency_seq", "latency_repeats", "tp_timeout", "tp_importance",
     "flap_structure", "train_limit", "eval_limit", "max_length", "batch_size", "epochs", "rank", "lr",
-    "lora_targets",
+    "lora_targets", "recover_teacher",
 )
 
 
@@ -255,6 +267,8 @@ def run_process(args, row: str, keep: float, recover: bool = False) -> dict:
     """One row in a fresh interpreter, with a time limit; its JSON, or what became of it."""
     workdir = Path(args.workdir)
     tag = f"{row.replace(':', '-')}_{keep:g}" + ("_recover" if recover else "")
+    if recover and row != "dense" and args.recover_teacher != "none":
+        tag += f"_{args.recover_teacher}"  # recovered with distillation: another result
     out = workdir / f"{tag}.json"
     if args.reuse and out.exists():
         return json.loads(out.read_text())
@@ -453,6 +467,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flap-structure", choices=["AL-AM", "UL-UM"], default="AL-AM")
     p.add_argument("--recover", action="store_true", help="also LoRA-recover the best row of each family")
     p.add_argument("--recover-keeps", help="budgets to recover at (default: every --keeps)")
+    p.add_argument("--recover-teacher", choices=["none", "dense"], default="none",
+                   help="dense: the pruned rows' recovery also distils from the model before pruning (the loss of "
+                        "apt --distill-teacher dense); the unpruned LoRA reference never does")
     # recovery: the settings of benchmarks/llama_instruct.py
     p.add_argument("--train-limit", type=int, default=160)
     p.add_argument("--eval-limit", type=int, default=100, help="instruction hold-out records")

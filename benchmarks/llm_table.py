@@ -27,7 +27,8 @@ from pathlib import Path
 from prunetune.bench import machine_description, run_isolated
 from prunetune.models import resolve
 
-RUNS = ("dense", "lora", "lora-prune", "apt-pbt", "apt")  # the table's rows, in order; LoRA is the reference
+# the table's rows, in order; LoRA is the reference
+RUNS = ("dense", "lora", "lora-prune", "apt-pbt", "apt-pbt-kd", "apt")
 BENCHES = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "truthfulqa_mc2")
 SHOWN = {"arc_challenge": "ARC-C", "arc_easy": "ARC-E", "hellaswag": "HellaSwag", "mmlu": "MMLU",
          "truthfulqa_mc2": "TruthfulQA"}
@@ -90,20 +91,30 @@ def finetune(method: str, args, out: Path, extra: list[str]) -> dict:
         _call(cmd, args, f"{method} {' '.join(extra)}")
     report = json.loads((out / "report.json").read_text())
     print(report["summary"], flush=True)
-    benchmarks = with_mmlu(report["benchmarks"], mmlu_results(str(out / "model"), args, out))
+    scored = report["benchmarks"]
+    if scored.get("limit") != args.limit:  # a reused run scored on other items: its export scored on these
+        scored = scores(str(out / "model"), args, out / f"eval_{args.limit}.json", f"{method} at --limit {args.limit}")
+    benchmarks = with_mmlu(scored, mmlu_results(str(out / "model"), args, out))
     return {"benchmarks": benchmarks, "train_s": report["train_time_s"],
             "train_mb": report["peak_train_mem_mb"], "infer_s": report["inference"]["batch32_latency_s"],
             "infer_mb": report["inference"]["batch32_peak_mem_mb"], "kept": report["layer_params_kept"]}
 
 
+def scores(model: str, args, path: Path, what: str) -> dict:
+    """`prunetune eval` of `model` on the benchmarks other than MMLU, the first --limit items of each; with
+    --reuse, an earlier result at the same limit is read again."""
+    if args.reuse and path.exists() and json.loads(path.read_text()).get("limit") == args.limit:
+        return json.loads(path.read_text())
+    benches = [b for b in args.benches if b != "mmlu"]
+    _call(["eval", model, "--bench", ",".join(benches), "--limit", str(args.limit), "--out", str(path),
+           *_data_flag(args)], args, what)
+    return json.loads(path.read_text())
+
+
 def dense(args, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    benches = [b for b in args.benches if b != "mmlu"]
-    cmd = ["eval", args.model, "--bench", ",".join(benches), "--limit", str(args.limit), "--out",
-           str(out / "eval.json"), *_data_flag(args)]
-    if not (args.reuse and (out / "eval.json").exists()):
-        _call(cmd, args, "dense (no training)")
-    res = with_mmlu(json.loads((out / "eval.json").read_text()), mmlu_results(args.model, args, out))
+    res = with_mmlu(scores(args.model, args, out / "eval.json", "dense (no training)"),
+                    mmlu_results(args.model, args, out))
     inf = run_isolated("prunetune.bench:measure_inference", {"model_dir": resolve(args.model), "batch_size": 32,
                                                              "seq_len": args.max_length, "repeats": 3,
                                                              "task": "instruct"}, timeout=600)
@@ -176,7 +187,8 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", choices=RUNS, default=list(RUNS), help="the rows to run (lora is needed: "
                    "the ratios are to it)")
     p.add_argument("--reuse", action="store_true", help="read the rows already finished under --out instead of "
-                   "running them again (their reports and MMLU results; the dense row's inference is re-measured)")
+                   "running them again (their reports and MMLU results; the dense row's inference is re-measured); "
+                   "a row scored on another --limit has its export scored on this one")
     p.add_argument("--smoke", action="store_true", help="a tiny random model, 2 items, 16 records")
     args = p.parse_args()
     if "lora" not in args.rows:
@@ -198,6 +210,9 @@ def main() -> None:
                                                       [*keep, "--samples", str(args.samples)])),
         "apt-pbt": ("APT, pruned before training", lambda: finetune("apt", args, out / "apt-pbt", [
             *keep, "--prune-before-training", "--samples", str(args.samples)])),
+        "apt-pbt-kd": ("APT, pruned before training, distilled from the dense model", lambda: finetune(
+            "apt", args, out / "apt-pbt-kd", [*keep, "--prune-before-training", "--samples", str(args.samples),
+                                              "--distill", "--distill-teacher", "dense"])),
         "apt": ("APT", lambda: finetune("apt", args, out / "apt", keep)),
     }
     rows = [(runs[r][0], runs[r][1]()) for r in RUNS if r in args.rows]

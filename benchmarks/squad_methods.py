@@ -37,7 +37,7 @@ METHODS = ("full", "lora", "lora-prune", "prune-lora", "apt")
 BUDGETED = ("lora-prune", "apt")  # the methods with a --keep-params target; prune-lora keeps heads by count
 
 
-def run_method(method: str, args, out: Path) -> dict:
+def finetune_cmd(method: str, args, out: Path, *, train_limit: int | None, eval_limit: int | None) -> list[str]:
     cmd = [
         sys.executable, "-m", "prunetune.cli", "finetune", "--task", "squad_v2", "--data", str(args.data),
         "--dev-fraction", str(args.dev_fraction), "--method", method, "--out", str(out), "--overwrite",
@@ -50,15 +50,61 @@ def run_method(method: str, args, out: Path) -> dict:
         cmd += ["--samples", str(args.samples)]
     if method in BUDGETED:
         cmd += ["--keep-params", str(args.keep_params)]
-    for flag, value in (("--train-limit", args.train_limit), ("--eval-limit", args.eval_limit),
-                        ("--eval-every", args.eval_every)):
+    for flag, value in (("--train-limit", train_limit), ("--eval-limit", eval_limit),
+                        ("--eval-every", args.eval_every), ("--lr", args.lr.get(method))):
         if value:
             cmd += [flag, str(value)]
-    print(f"== {method}: {' '.join(cmd[3:])}", flush=True)
+    return cmd
+
+
+def run_once(label: str, cmd: list[str], out: Path, *, compact: bool, reuse: bool) -> dict:
+    """One finetune process; a finished one in `out` is reused only when started with the same command line and
+    heap setting."""
+    done = out / "benchmark_run.json"
+    run = {"cmd": cmd[1:], "heap": "compact" if compact else "default"}
+    if reuse and done.is_file() and (out / "report.json").is_file():
+        saved = json.loads(done.read_text())
+        if {k: saved.get(k) for k in run} == run:
+            report = json.loads((out / "report.json").read_text())
+            report["wall_s"] = saved["wall_s"]
+            print(f"== {label}: reused {out}\n{report['summary']}", flush=True)
+            return report
+    done.unlink(missing_ok=True)
+    print(f"== {label}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.perf_counter()
-    report = run_report(cmd, out, method, compact_heap=args.heap == "compact")
+    report = run_report(cmd, out, label, compact_heap=compact)
     report["wall_s"] = time.perf_counter() - t0  # the whole process: data, training, export, evaluations
+    done.write_text(json.dumps({**run, "wall_s": report["wall_s"], "date": str(dt.date.today())}, indent=1))
     return report
+
+
+def run_method(method: str, args, out: Path) -> dict:
+    cmd = finetune_cmd(method, args, out, train_limit=args.train_limit, eval_limit=args.eval_limit)
+    report = run_once(method, cmd, out, compact=args.heap == "compact", reuse=args.reuse)
+    if args.heap == "split":
+        # The compacted heap slows CPU training ~1.5x (every large block is mapped afresh), too slow for several
+        # epochs here; peak training memory is reached in the first steps (every method trains its largest model
+        # first), so a short run of the same command with the heap compacted measures it.
+        mem_out = out.with_name(out.name + "_memory")
+        cmd = finetune_cmd(method, args, mem_out, train_limit=args.memory_questions, eval_limit=16)
+        probe = run_once(f"{method} (memory)", cmd, mem_out, compact=True, reuse=args.reuse)
+        report["peak_train_mem_mb_default_heap"] = report["peak_train_mem_mb"]
+        report["peak_train_mem_mb"] = probe["peak_train_mem_mb"]
+    return report
+
+
+def method_lrs(pairs: list[str]) -> dict[str, float]:
+    """--lr METHOD=VALUE pairs as a dict (methods not named keep their prunetune default)."""
+    out = {}
+    for pair in pairs:
+        method, sep, value = pair.partition("=")
+        if not sep or method not in METHODS:
+            raise SystemExit(f"--lr expects METHOD=VALUE with METHOD one of {', '.join(METHODS)}; got {pair!r}")
+        try:
+            out[method] = float(value)
+        except ValueError:
+            raise SystemExit(f"--lr {pair!r}: {value!r} is not a number") from None
+    return out
 
 
 def _rel(value: float, ref: float) -> str:
@@ -131,11 +177,19 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=256, help="importance sample (prune-lora, lora-prune), questions")
     p.add_argument("--keep-params", type=float, default=0.4, help="lora-prune/apt target share of layer parameters")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--heap", choices=["compact", "default"], default="compact",
-                   help="CPU training processes: compact = resident memory follows the live tensors")
+    p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=VALUE",
+                   help="learning rate for a method (default: prunetune's per-method default)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a method's finished run in --out when its command line was the same")
+    p.add_argument("--heap", choices=["compact", "default", "split"], default="compact",
+                   help="CPU training processes: compact = resident memory follows the live tensors (~1.5x "
+                        "slower); split = timed runs on the default heap, memory from a short compacted run")
+    p.add_argument("--memory-questions", type=int, default=160,
+                   help="with --heap split: training questions of the short run that measures memory")
     p.add_argument("--latency-batch", type=int, default=32)
     p.add_argument("--latency-seq", type=int, default=None, help="default: --max-length")
     args = p.parse_args()
+    args.lr = method_lrs(args.lr)
     if not args.data.is_file():
         raise SystemExit(f"no SQuAD v2 file at {args.data}: pass --data")
     out = Path(args.out)
@@ -154,7 +208,9 @@ def main() -> None:
         f"on {first['dev']['examples']:,} of the {dev_questions:,} questions of the other {dev_articles}, held out "
         f"by --seed {args.seed} (never the same article in both). Embedded all-MiniLM-L6-v2 (BERT, 6x12 heads); "
         f"windows of {args.max_length} tokens, stride {args.stride or args.max_length // 4}; {args.epochs:g} "
-        f"epoch(s), batch {args.batch_size}; lora-prune/apt target {args.keep_params:.0%} of layer params; heap: "
+        f"epoch(s), batch {args.batch_size}; learning rates "
+        + ", ".join(f"{m} {r['config']['lr']:g}" for m, r in results.items())
+        + f"; lora-prune/apt target {args.keep_params:.0%} of layer params; heap: "
         f"{args.heap}. "
         f"Latency: batch {args.latency_batch} x {seq} tokens, fresh processes taking turns. EM/F1 x 100 (the "
         f"official script's scale).\n"

@@ -3,9 +3,11 @@ most salience of their own, self-momentum distillation (teacher, ramp, KL over t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import logits
+from conftest import logits, tiny_inputs
 from engine_helpers import max_diff, tiny
 from test_apt import apt_options, batches_for, classifier, run_apt_fit
 
@@ -260,3 +262,75 @@ def test_lm_distillation_kl_is_averaged_over_the_loss_tokens():
     # T5: the decoder's logits line up with its labels (no shift)
     t5 = classifier("t5")
     assert loss_token_mask(t5, batch, student).tolist() == (labels != -100).tolist()
+
+
+def lm_batches(n: int = 3) -> list[dict]:
+    """Causal-LM batches whose first tokens carry no loss (a prompt) and whose padding carries none."""
+    out = []
+    for seed in range(n):
+        b = tiny_inputs("llama", batch=4, length=10, seed=40 + seed)
+        labels = b["input_ids"].clone()
+        labels[:, :3] = -100
+        labels[b["attention_mask"] == 0] = -100
+        out.append({**b, "labels": labels})
+    return out
+
+
+def test_dense_teacher_is_the_model_before_pruning_and_never_moves():
+    """distill_teacher="dense": the teacher is the unpruned model as it was before training, never updated, never
+    optimized, while the student is pruned under it; its loss is (1 - w) task + w (KL + layer term)."""
+    from prunetune.distill import dense_copy
+
+    model = tiny("llama", "causal")
+    batches = lm_batches()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    reference = [logits(model, b) for b in batches]
+    options, budget = apt_options(keep=0.5, prune_steps=2, prune_start=0.2, prune_end=0.6, distill=True,
+                                  distill_teacher="dense", distill_ramp=False, distill_weight=0.5)
+    teacher = dense_copy(model, options)
+    dense = layer_param_count(model)
+    peft_model = adapters.apply_lora(model, rank=2, targets="all")
+    hook = AptHook(peft_model, options, budget, dense, teacher)
+    assert hook.forward_kwargs() == {"output_hidden_states": True}  # a teacher from the first step
+    # student == teacher before any step (LoRA's B starts at zero; eval: no dropout): only (1 - w) task remains
+    peft_model.eval()
+    out = peft_model(**batches[0], **hook.forward_kwargs())
+    assert hook.loss(peft_model, batches[0], out).item() == pytest.approx(0.5 * out.loss.item(), abs=1e-6)
+
+    def each(step, optimizer, record):
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert not any(id(p) in held for p in hook.distiller.dense.parameters())
+
+    drive(peft_model, hook, batches, 10, each=each, lr=1e-2)
+    assert layer_param_count(peft_model) <= 0.5 * dense  # the student was pruned under the teacher
+    kept = hook.distiller.dense.state_dict()
+    assert set(kept) == set(before) and all(torch.equal(kept[n], before[n]) for n in before)
+    assert all(not p.requires_grad and p.grad is None for p in hook.distiller.dense.parameters())
+    assert all(torch.equal(logits(hook.distiller.dense, b), r) for b, r in zip(batches, reference, strict=True))
+    # now they differ: the distillation term is positive
+    peft_model.eval()
+    out = peft_model(**batches[1], **hook.forward_kwargs())
+    assert hook.loss(peft_model, batches[1], out).item() > 0.5 * out.loss.item() + 1e-4
+    assert hook.distiller.memory_bytes() >= sum(t.numel() * t.element_size() for t in before.values())
+    hook.close()
+
+
+
+def test_distill_hook_in_fit_starts_at_zero_and_leaves_the_teacher_alone():
+    """DistillHook (distillation with no pruning, as the recovery benchmark uses it) inside fit: with weight 1 the
+    first step's loss is the distillation alone, zero while the student is the teacher's copy (LoRA's B starts
+    at zero); training moves the student, never the teacher, and the loss fit records is the hook's."""
+    from prunetune.distill import DistillHook
+    from prunetune.train import TrainConfig, fit
+
+    model = tiny("llama", "causal")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    hook = DistillHook(copy.deepcopy(model), weight=1.0)
+    peft_model = adapters.apply_lora(model, rank=2, targets="all")
+    batches = lm_batches()
+    res = fit(peft_model, batches, lambda m: {"main": 0.0}, TrainConfig(epochs=2, lr=1e-2, seed=0), hooks=[hook])
+    losses = [h["loss"] for h in res.history]
+    assert losses[0] == pytest.approx(0.0, abs=1e-6) and max(losses[1:]) > 1e-4
+    kept = hook.distiller.dense.state_dict()
+    assert all(torch.equal(kept[n], before[n]) for n in before)
+    assert max_diff(logits(peft_model, batches[0]), logits(hook.distiller.dense, batches[0])) > 0

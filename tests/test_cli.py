@@ -269,6 +269,8 @@ BAD_INPUT = {
     "apt best teacher without evaluations": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt",
                                               "--distill", "--distill-teacher", "best"],
                                              "--distill-teacher best needs --eval-every"),
+    "apt dense teacher with a new head": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt", "--distill",
+                                           "--distill-teacher", "dense"], "gives it a new, untrained head"),
     "finetune unknown scorer": (["finetune", "{ws}/bert", "--task", "sst2", "--method", "apt",
                                  "--prune-before-training", "--scorer", "x"], "unknown importance scorer"),
     "finetune max length": (["finetune", "{ws}/bert", "--task", "sst2", "--max-length", "512"], "positions"),

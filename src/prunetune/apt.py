@@ -19,7 +19,7 @@ from torch import nn
 
 from prunetune import adapters
 from prunetune.config import AptOptions, RunConfig, target_budget, targets_for
-from prunetune.distill import Distiller
+from prunetune.distill import Distiller, dense_copy
 from prunetune.families import unwrap
 from prunetune.growth import GROWTH, AdapterSalience
 from prunetune.importance import DEFAULT_DECODER_SCORER, PROXY, ActivationStats, compute
@@ -113,9 +113,12 @@ class AptHook(TrainHook):
     (growth.py). Salience (of units and of adapters) is collected only after the warm-up.
     """
 
-    def __init__(self, model: nn.Module, options: AptOptions, target: Budget, dense_cost: float):
+    def __init__(self, model: nn.Module, options: AptOptions, target: Budget, dense_cost: float,
+                 dense_teacher: nn.Module | None = None):
         """`target`: the final budget (keep_params or keep_flops); `dense_cost`: the dense model's layer parameters
-        (or FLOPs per token, for keep_flops): the schedule's fractions refer to it, not to the model at each step."""
+        (or FLOPs per token, for keep_flops): the schedule's fractions refer to it, not to the model at each step;
+        `dense_teacher`: for distillation from the dense model, its copy (distill.dense_copy) from before any
+        pruning."""
         self.cfg = options
         self.target = target
         self.keep = target_keep(target)
@@ -135,7 +138,7 @@ class AptHook(TrainHook):
         self.start_lora_params = self.lora_params(model)
         self.timeline = Timeline()
         self.timeline.add(0, model)
-        self.distiller = Distiller(options) if options.distill else None
+        self.distiller = Distiller(options, dense_teacher) if options.distill else None
         self.eval_history: list[dict] = []
 
     @staticmethod
@@ -160,10 +163,10 @@ class AptHook(TrainHook):
             self.distiller.window = (min(windows.values()), max(self.schedule))
 
     def forward_kwargs(self) -> dict:
-        return {"output_hidden_states": True} if self.distiller and self.distiller.teacher is not None else {}
+        return {"output_hidden_states": True} if self.distiller and self.distiller.ready else {}
 
     def loss(self, model, batch, outputs):
-        if self.distiller is None or self.distiller.teacher is None:
+        if self.distiller is None or not self.distiller.ready:
             return None
         return self.distiller.loss(model, batch, outputs, outputs.loss)
 
@@ -273,6 +276,7 @@ def run_apt(cfg: RunConfig, model: nn.Module, train_loader, evaluate, context: R
     options = cfg.apt
     dense_cost = layer_cost(model, flops_seq(target))
     extra: dict = {}
+    teacher = dense_copy(model, options)  # before anything is pruned
     if options.prune_before_training:
         plan = plan_before_training(model, sample_loader, target, options, context.runtime)
         apply_plan(model, plan)
@@ -281,7 +285,7 @@ def run_apt(cfg: RunConfig, model: nn.Module, train_loader, evaluate, context: R
         options = replace(options, prune_steps=0)
     peft_model = adapters.apply_lora(model, rank=cfg.lora.rank, targets=targets_for(cfg))
     _, trainable = adapters.count_parameters(peft_model)
-    hook = AptHook(peft_model, options, target, dense_cost)
+    hook = AptHook(peft_model, options, target, dense_cost, teacher)
     try:
         res = fit(peft_model, train_loader, evaluate, training_options(cfg), hooks=[hook], context=context)
     finally:

@@ -34,7 +34,9 @@ PRUNE_LORA_HEADS_KEEP = 100 / 144  # the Pruning-Adapter paper's setting: 100 of
 LORA_TARGETS = ("attention", "ffn-in", "all")  # adapters.LORA_TARGETS (kept here so the CLI needs no torch import)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SIGNALS = ("salience", "apt", "fisher")  # importance.ActivationStats.SIGNALS
-DISTILL_TEACHERS = ("momentum", "best")  # distill.TEACHERS
+DISTILL_TEACHERS = ("momentum", "best", "dense")  # distill.TEACHERS
+# the model classes whose head comes pretrained (the LM head), so that the model as loaded is a teacher
+PRETRAINED_HEADS = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
 GROWTHS = ("adapter", "layer")  # growth.GROWTH
 # lora-prune trains twice with a pruning step between, outside the loop: its checkpoints could not resume the
 # second phase, so it refuses checkpointing (see RuntimeOptions)
@@ -184,7 +186,10 @@ class AptOptions(_Part):
                                 "off here: measured worse in short runs)", methods=_APT, negatable=True)
     distill_teacher: str = _opt("momentum", "momentum: the student's own weights, averaged (--teacher-momentum) from "
                                             "the first pruning step on; best: the student at its best evaluation "
-                                            "(needs --eval-every)", methods=_APT, choices=DISTILL_TEACHERS)
+                                            "(needs --eval-every); dense: a frozen copy of the model before "
+                                            "pruning, from the first step (a second model in memory; needs a "
+                                            "task whose head is pretrained: instruct, summarize)",
+                                methods=_APT, choices=DISTILL_TEACHERS)
     teacher_momentum: float = _opt(0.99, "the momentum teacher's average: teacher = m teacher + (1 - m) student "
                                          "after every step once pruning started", methods=_APT)
     prune_before_training: bool = _opt(False, "prune once on a calibration sample, then tune", methods=_APT)
@@ -407,6 +412,10 @@ class RunConfig:
         if (self.method == "apt" and self.apt.distill and self.apt.distill_teacher == "best"
                 and not self.training.eval_every):  # evaluations at epoch ends only: the teacher comes too late
             raise PrunetuneError("--distill-teacher best needs --eval-every")
+        if (self.method == "apt" and self.apt.distill and self.apt.distill_teacher == "dense"
+                and tasks.get(self.task, self.task_options).auto_class not in PRETRAINED_HEADS):
+            raise PrunetuneError(f"--distill-teacher dense distils from the model as loaded: --task {self.task} "
+                                 "gives it a new, untrained head (use momentum or best)")
         if self.eval_bench is not None:
             from prunetune.mceval.benchmarks import parse
 

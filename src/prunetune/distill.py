@@ -9,6 +9,11 @@ always has the student's pruned structure and costs no second backbone. Two teac
   pruning starts there is no teacher (and no distillation); its tensors never take a gradient or an optimizer
   step: they only follow the student's values.
 - ``best``: the student at its best evaluation so far (needs evaluations during training).
+- ``dense``: the model as training starts, before anything is pruned: a frozen copy of its own (a second
+  backbone in memory), from the first step on. It is what pruning takes away, so it is the target a model
+  pruned before training recovers towards (as Minitron and Sheared-LLaMA distil from the unpruned model); only
+  a pretrained head makes it meaningful (language models: a new task head predicts noise). Its layer states are
+  matched only where the student still has as many layers of the same width.
 
 The loss (``Distiller.loss``): (1 - w) task + w (prediction KL + layer loss), w ramped from 0 at the first
 pruning decision to ``distill_weight`` at the last pruning step, as APT's code does. The prediction KL is one
@@ -22,6 +27,7 @@ step at a quarter (4 blocks) of the cost of matching all; the student's states p
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 
@@ -32,7 +38,9 @@ from torch import nn
 from prunetune.config import AptOptions
 from prunetune.families import hidden_size, predicts_next_token
 from prunetune.optim import _transform
+from prunetune.runtime import Runtime
 from prunetune.surgery import SliceLog
+from prunetune.train import TrainHook
 
 IGNORE = -100  # the label of a token without loss (transformers' convention)
 
@@ -75,6 +83,12 @@ def sampled_layers(count: int, blocks: int) -> list[int]:
     blocks = max(1, min(blocks, count))
     edges = [1 + round(i * count / blocks) for i in range(blocks + 1)]
     return [random.randrange(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def dense_copy(model: nn.Module, cfg: AptOptions) -> nn.Module | None:
+    """What the dense teacher needs, taken before anything is pruned: a copy of `model` (None for the other
+    teachers, or without distillation)."""
+    return copy.deepcopy(model) if cfg.distill and cfg.distill_teacher == "dense" else None
 
 
 class LayerMap:
@@ -138,9 +152,16 @@ class LayerMap:
 class Distiller:
     """The teacher, the layer map, the weight schedule and the loss (see the module docstring)."""
 
-    def __init__(self, cfg: AptOptions):
+    def __init__(self, cfg: AptOptions, dense: nn.Module | None = None):
+        """`dense`: for ``distill_teacher="dense"``, a copy of the model made before any pruning (``dense_copy``);
+        it is frozen here and never shared with the student."""
         self.cfg = cfg
         self.teacher: dict[str, torch.Tensor] | None = None
+        self.dense: nn.Module | None = None
+        if cfg.distill_teacher == "dense":
+            if dense is None:
+                raise ValueError("distill_teacher='dense' needs a copy of the model before pruning (dense_copy)")
+            self.dense = dense.eval().requires_grad_(False)
         self.layer_map: LayerMap | None = None
         self.window: tuple[int, int] | None = None  # (first pruning decision, last pruning step)
         self.steps_done = 0
@@ -148,6 +169,11 @@ class Distiller:
         self.scale = 1.0  # fp16: the gradient scaler's factor of this step's gradients
 
     # -- the teacher -------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether there is a teacher to distil from at this step."""
+        return self.teacher is not None or self.dense is not None
 
     @torch.no_grad()
     def snapshot(self, model: nn.Module) -> None:
@@ -180,6 +206,8 @@ class Distiller:
     def memory_bytes(self) -> int:
         """The teacher's private tensors, the layer map and its moments (the teacher's activations excluded)."""
         own = sum(v.numel() * v.element_size() for v in (self.teacher or {}).values())
+        if self.dense is not None:
+            own += sum(t.numel() * t.element_size() for t in (*self.dense.parameters(), *self.dense.buffers()))
         return own + (self.layer_map.memory_bytes() if self.layer_map is not None else 0)
 
     def follow_surgery(self, model: nn.Module, before: dict[str, nn.Parameter], log: SliceLog, hidden) -> None:
@@ -213,6 +241,13 @@ class Distiller:
     def teacher_outputs(self, model: nn.Module, batch: dict):
         from torch.func import functional_call
 
+        if self.dense is not None:
+            device = next(model.parameters()).device
+            if next(self.dense.parameters()).device != device:  # the run moved the student after the copy
+                self.dense.to(device)
+            if self.layer_map is None:  # made here, on the student's device and at its width
+                self.layer_map = LayerMap(hidden_size(model), device)
+            return self.dense(**batch, output_hidden_states=True)
         was_training = model.training
         model.eval()  # the teacher's targets carry no dropout noise
         try:
@@ -222,7 +257,7 @@ class Distiller:
             model.train(was_training)
 
     def loss(self, model: nn.Module, batch: dict, student, task_loss: torch.Tensor) -> torch.Tensor:
-        if self.teacher is None:
+        if not self.ready:
             return task_loss
         started = time.perf_counter()
         teacher = self.teacher_outputs(model, batch)
@@ -230,7 +265,9 @@ class Distiller:
         pred = sum(prediction_kl(student[k], teacher[k], self.cfg.temperature,
                                  loss_token_mask(model, batch, student[k])) for k in heads) / len(heads)
         hs_s, hs_t = layer_states(student), layer_states(teacher)
-        layers = sampled_layers(len(hs_s) - 1, self.cfg.distill_layers)
+        # the dense teacher: no layer term once layers or hidden dims are gone (states no longer line up)
+        comparable = len(hs_s) == len(hs_t) and hs_s[-1].shape[-1] == hs_t[-1].shape[-1]
+        layers = sampled_layers(len(hs_s) - 1, self.cfg.distill_layers) if comparable else []
         mask = batch.get("attention_mask")
         layer_loss = 0.0
         for i in layers:
@@ -260,4 +297,41 @@ class Distiller:
         self.steps_done, self.time_s = int(state["steps_done"]), float(state["time_s"])
 
 
-TEACHERS = ("momentum", "best")  # config.DISTILL_TEACHERS: Distiller.after_step / after_eval take them in turn
+class DistillHook(TrainHook):
+    """Distillation from a dense copy in any `fit`, with no pruning of its own: the recovery of a model pruned
+    before (benchmarks/llm_pruning.py --recover-teacher dense). `teacher`: distill.dense_copy's copy."""
+
+    def __init__(self, teacher: nn.Module, *, weight: float = 0.5, temperature: float = 2.0, layers: int = 4):
+        options = AptOptions(distill=True, distill_teacher="dense", distill_weight=weight, distill_ramp=False,
+                             temperature=temperature, distill_layers=layers)
+        self.distiller = Distiller(options, teacher)
+        self.runtime = Runtime.single()
+
+    def start(self, total: int, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def gradient_scale(self, scale: float) -> None:
+        self.distiller.scale = scale
+
+    def before_optimizer_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.distiller.before_optimizer_step(optimizer, self.runtime)
+
+    def after_step(self, step: int, model: nn.Module) -> None:
+        self.distiller.steps_done = step
+        return None
+
+    def forward_kwargs(self) -> dict:
+        return {"output_hidden_states": True}
+
+    def loss(self, model: nn.Module, batch: dict, outputs) -> torch.Tensor:
+        return self.distiller.loss(model, batch, outputs, outputs.loss)
+
+    def state_dict(self) -> dict:
+        return {"distiller": self.distiller.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.distiller.load_state_dict(state["distiller"], self.runtime.device)
+
+
+# config.DISTILL_TEACHERS: Distiller.after_step / after_eval move the first two; the dense one never moves
+TEACHERS = ("momentum", "best", "dense")
