@@ -212,7 +212,7 @@ def main() -> None:
             *keep, "--prune-before-training", "--samples", str(args.samples)])),
         "apt-pbt-kd": ("APT, pruned before training, distilled from the dense model", lambda: finetune(
             "apt", args, out / "apt-pbt-kd", [*keep, "--prune-before-training", "--samples", str(args.samples),
-                                              "--distill", "--distill-teacher", "dense"])),
+                                              "--distill", "--distill-teacher", "dense", "--distill-layers", "0"])),
         "apt": ("APT", lambda: finetune("apt", args, out / "apt", keep)),
     }
     rows = [(runs[r][0], runs[r][1]()) for r in RUNS if r in args.rows]

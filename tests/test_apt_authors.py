@@ -334,3 +334,25 @@ def test_distill_hook_in_fit_starts_at_zero_and_leaves_the_teacher_alone():
     kept = hook.distiller.dense.state_dict()
     assert all(torch.equal(kept[n], before[n]) for n in before)
     assert max_diff(logits(peft_model, batches[0]), logits(hook.distiller.dense, batches[0])) > 0
+
+
+def test_distillation_without_layer_loss_is_the_prediction_kl():
+    """--distill-layers 0: (1 - w) task + w KL(teacher || student) over the loss tokens, nothing else."""
+    from prunetune.config import AptOptions
+    from prunetune.distill import Distiller, loss_token_mask, prediction_kl
+
+    model = tiny("llama", "causal")
+    teacher = copy.deepcopy(model)
+    peft_model = adapters.apply_lora(model, rank=2, targets="all")
+    with torch.no_grad():
+        for layer in adapters.lora_layers(peft_model).values():
+            layer.lora_B[adapters.ADAPTER].weight.normal_(0, 0.5)
+    distiller = Distiller(AptOptions(distill=True, distill_teacher="dense", distill_layers=0, distill_ramp=False,
+                                     distill_weight=0.3, temperature=2.0), teacher)
+    batch = lm_batches(1)[0]
+    peft_model.eval()
+    out = peft_model(**batch, output_hidden_states=True)
+    kl = prediction_kl(out.logits, logits(teacher, batch), 2.0, loss_token_mask(peft_model, batch, out.logits))
+    assert kl.item() > 1e-4
+    got = distiller.loss(peft_model, batch, out, out.loss)
+    assert got.item() == pytest.approx(0.7 * out.loss.item() + 0.3 * kl.item(), rel=1e-5)

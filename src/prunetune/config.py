@@ -57,10 +57,11 @@ NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
         (lambda v: _finite(v) and v > 0, "a positive, finite number")),
     **dict.fromkeys(
         ("batch_size", "grad_accum", "rank", "rank_high", "rank_low", "top_blocks", "samples", "max_length",
-         "seq_len", "train_limit", "eval_limit", "round_to", "distill_layers", "max_rank_mult", "keep_checkpoints",
+         "seq_len", "train_limit", "eval_limit", "round_to", "max_rank_mult", "keep_checkpoints",
          "limit", "eval_bench_limit"), (lambda v: v > 0, "positive")),
     **dict.fromkeys(("eval_every", "save_every"), (lambda v: v >= 0, "0 (every epoch) or a positive number of steps")),
     "shots": (lambda v: v >= 0, "0 or more"),
+    "distill_layers": (lambda v: v >= 0, "0 (predictions only) or a positive number of blocks"),
     "prune_steps": (lambda v: v >= 0, "0 (no pruning during training) or a positive count"),
     **dict.fromkeys(("keep_params", "keep_flops", "hidden_keep"), (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]")),
     **dict.fromkeys(("heads_keep", "neurons_keep"), (
@@ -226,7 +227,8 @@ class AptOptions(_Part):
                                       "step to this at the last (see --distill-ramp; APT's code: 1)", methods=_APT)
     distill_ramp: bool = _opt(True, "ramp the distillation weight over the pruning window (off: w from the start)",
                               methods=_APT, negatable=True)
-    distill_layers: int = _opt(4, "layer blocks of the layer-mapping loss: one layer sampled per block and step",
+    distill_layers: int = _opt(4, "layer blocks of the layer-mapping loss: one layer sampled per block and step (0: "
+                                  "no layer loss, the predictions' KL only)",
                                methods=_APT)
     temperature: float = _opt(2.0, "distillation temperature", methods=_APT)
 

@@ -267,7 +267,8 @@ class Distiller:
         hs_s, hs_t = layer_states(student), layer_states(teacher)
         # the dense teacher: no layer term once layers or hidden dims are gone (states no longer line up)
         comparable = len(hs_s) == len(hs_t) and hs_s[-1].shape[-1] == hs_t[-1].shape[-1]
-        layers = sampled_layers(len(hs_s) - 1, self.cfg.distill_layers) if comparable else []
+        layers = sampled_layers(len(hs_s) - 1, self.cfg.distill_layers) if comparable and self.cfg.distill_layers \
+            else []
         mask = batch.get("attention_mask")
         layer_loss = 0.0
         for i in layers:
