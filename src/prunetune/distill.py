@@ -1,8 +1,9 @@
-"""APT's self-distillation: a teacher that shares every frozen weight with the student.
+"""APT's self-distillation (a teacher that shares every frozen weight with the student), and distillation from
+the model before pruning.
 
-The teacher keeps a private copy of the trainable tensors only (adapters, norms, head) and runs through the
-student's own modules (``functional_call`` swaps its tensors in for one forward, without gradients), so it
-always has the student's pruned structure and costs no second backbone. Two teachers (``TEACHERS``):
+APT's teachers keep a private copy of the trainable tensors only (adapters, norms, head) and run through the
+student's own modules (``functional_call`` swaps its tensors in for one forward, without gradients), so they
+always have the student's pruned structure and cost no second backbone. Three teachers (``TEACHERS``):
 
 - ``momentum`` (APT's self-momentum distillation, the default): created as a copy of the student at the first
   pruning decision and moved after every later optimizer step by teacher = m teacher + (1 - m) student. Before
@@ -302,7 +303,8 @@ class DistillHook(TrainHook):
     """Distillation from a dense copy in any `fit`, with no pruning of its own: the recovery of a model pruned
     before (benchmarks/llm_pruning.py --recover-teacher dense). `teacher`: distill.dense_copy's copy."""
 
-    def __init__(self, teacher: nn.Module, *, weight: float = 0.5, temperature: float = 2.0, layers: int = 4):
+    # layers=0: on SmolLM2 the squared error of the hidden states outweighed the task loss (README, LLM table)
+    def __init__(self, teacher: nn.Module, *, weight: float = 0.5, temperature: float = 2.0, layers: int = 0):
         options = AptOptions(distill=True, distill_teacher="dense", distill_weight=weight, distill_ramp=False,
                              temperature=temperature, distill_layers=layers)
         self.distiller = Distiller(options, teacher)
