@@ -95,8 +95,9 @@ def markdown(report: dict, keeps: list[float]) -> str:
             f"After the same LoRA recovery (r={s['rank']} on {s['lora_targets']}, lr {s['lr']:g}, {s['epochs']:g} "
             f"epoch on {s['train_limit']} Alpaca training records, max length {s['max_length']}, batch "
             f"{s['batch_size']}; instruction hold-out: {s['eval_limit']} records) of the best model of each family"
-            + (", the pruned ones also distilled from the model before pruning (loss 0.5 task + 0.5 (KL + layer "
-               "term), as apt --distill-teacher dense):" if s.get("recover_teacher") == "dense" else ":"),
+            + (", the pruned ones also distilled from the model before pruning (loss 0.5 task + 0.5 KL over the "
+               "answer tokens, as apt --distill-teacher dense --distill-layers 0):"
+               if s.get("recover_teacher") == "dense" else ":"),
             "",
             "| keep | method | instr. ppl before | instr. ppl after LoRA | x unpruned LoRA | article ppl after "
             "| train s | train peak MB |",
