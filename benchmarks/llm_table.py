@@ -103,8 +103,9 @@ def finetune(method: str, args, out: Path, extra: list[str]) -> dict:
 def scores(model: str, args, path: Path, what: str) -> dict:
     """`prunetune eval` of `model` on the benchmarks other than MMLU, the first --limit items of each; with
     --reuse, an earlier result at the same limit is read again."""
-    if args.reuse and path.exists() and json.loads(path.read_text()).get("limit") == args.limit:
-        return json.loads(path.read_text())
+    earlier = json.loads(path.read_text()) if args.reuse and path.exists() else None
+    if earlier is not None and earlier.get("limit") == args.limit:
+        return earlier
     benches = [b for b in args.benches if b != "mmlu"]
     _call(["eval", model, "--bench", ",".join(benches), "--limit", str(args.limit), "--out", str(path),
            *_data_flag(args)], args, what)

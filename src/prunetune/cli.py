@@ -163,7 +163,7 @@ def _add_data(p: argparse.ArgumentParser, multi: bool = False) -> None:
 
 
 def _add_finetune(sub) -> None:
-    from prunetune.config import add_arguments, method_epilog
+    from prunetune.arguments import add_arguments, method_epilog
 
     p = sub.add_parser("finetune", help="fine-tune (full, lora, prune-lora, lora-prune, apt) and export",
                        description="Fine-tune a model on a task with one method and export the compact result, "
@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="the run's seed (picks the same --eval-limit subset; default 42)")
     _add_task_options(p)
 
-    from prunetune.config import EvalConfig, add_fields
+    from prunetune.arguments import add_fields
+    from prunetune.config import EvalConfig
 
     p = sub.add_parser("eval", help="multiple-choice benchmarks (ARC, HellaSwag, MMLU, TruthfulQA) with "
                                     "lm-evaluation-harness on the local files",

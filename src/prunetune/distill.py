@@ -246,8 +246,6 @@ class Distiller:
             device = next(model.parameters()).device
             if next(self.dense.parameters()).device != device:  # the run moved the student after the copy
                 self.dense.to(device)
-            if self.layer_map is None:  # made here, on the student's device and at its width
-                self.layer_map = LayerMap(hidden_size(model), device)
             return self.dense(**batch, output_hidden_states=True)
         was_training = model.training
         model.eval()  # the teacher's targets carry no dropout noise
@@ -270,6 +268,8 @@ class Distiller:
         comparable = len(hs_s) == len(hs_t) and hs_s[-1].shape[-1] == hs_t[-1].shape[-1]
         layers = sampled_layers(len(hs_s) - 1, self.cfg.distill_layers) if comparable and self.cfg.distill_layers \
             else []
+        if layers and self.layer_map is None:  # the dense teacher's map: on the student's device, at its width
+            self.layer_map = LayerMap(hidden_size(model), hs_s[0].device)
         mask = batch.get("attention_mask")
         layer_loss = 0.0
         for i in layers:
@@ -321,7 +321,6 @@ class DistillHook(TrainHook):
 
     def after_step(self, step: int, model: nn.Module) -> None:
         self.distiller.steps_done = step
-        return None
 
     def forward_kwargs(self) -> dict:
         return {"output_hidden_states": True}
