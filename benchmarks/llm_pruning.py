@@ -186,7 +186,22 @@ def run_row(args) -> dict:
     result.update(forward_latency(model, model.config.vocab_size, args.latency_batch, args.latency_seq,
                                   args.latency_repeats, threads))
     result["eval_peak_mb"] = meter.read()
+    if args.mc_bench != "none":  # last, so that its batches cannot touch the timings above
+        stage("multiple-choice evaluation")
+        result["mc"] = multiple_choice(model, tokenizer, args)
     return result
+
+
+def multiple_choice(model: nn.Module, tokenizer, args) -> dict:
+    """`prunetune eval`'s scores (lm-evaluation-harness definitions, 0-shot) of the pruned model, untrained: per
+    benchmark the headline score, chance on the same items and the items scored; with the settings used."""
+    from prunetune import mceval
+
+    t0 = time.perf_counter()
+    out = mceval.evaluate(model, tokenizer, args.mc_bench, limit=args.mc_limit)
+    keep = ("score", "headline", "chance", "above_chance", "items")
+    return {"bench": args.mc_bench, "limit": args.mc_limit, "s": time.perf_counter() - t0,
+            "benchmarks": {name: {k: b[k] for k in keep} for name, b in out["benchmarks"].items()}}
 
 
 def recover(model: nn.Module, tokenizer, articles: list[dict], args, meter, stage: Stage,
@@ -250,7 +265,7 @@ PASSED = (
     "model", "data", "articles_file", "calib", "calib_len", "calib_batch", "articles", "article_len", "eval_batch",
     "seed", "threads", "latency_batch", "latency_seq", "latency_repeats", "tp_timeout", "tp_importance",
     "flap_structure", "train_limit", "eval_limit", "max_length", "batch_size", "epochs", "rank", "lr",
-    "lora_targets", "recover_teacher",
+    "lora_targets", "recover_teacher", "mc_bench", "mc_limit",
 )
 
 
@@ -271,7 +286,13 @@ def run_process(args, row: str, keep: float, recover: bool = False) -> dict:
         tag += f"_{args.recover_teacher}"  # recovered with distillation: another result
     out = workdir / f"{tag}.json"
     if args.reuse and out.exists():
-        return json.loads(out.read_text())
+        earlier = json.loads(out.read_text())
+        if not _lacks_mc(earlier, args):
+            return earlier
+        if args.report_only:  # its perplexity is still a result; the missing scores show as "-"
+            return earlier
+        print(f"   {tag}: no multiple-choice scores at --mc-bench {args.mc_bench} --mc-limit {args.mc_limit}: "
+              "run again", flush=True)
     if args.report_only:
         return {"row": row, "keep": keep, "recover": recover, "status": "not run",
                 "error": f"no result in {workdir} (--report-only)"}
@@ -305,6 +326,14 @@ def run_process(args, row: str, keep: float, recover: bool = False) -> dict:
         f"instr ppl {result['recovery']['instr_ppl_after']:.2f}" if "recovery" in result else "ok")
     print(f"   {status} ({wall:.0f} s){': ' + result['error'] if 'error' in result else ''}", flush=True)
     return result
+
+
+def _lacks_mc(result: dict, args) -> bool:
+    """A finished unrecovered row without the multiple-choice scores now asked for (another bench or limit)."""
+    if args.mc_bench == "none" or result.get("recover") or result.get("status") != "ok":
+        return False
+    mc = result.get("mc") or {}
+    return (mc.get("bench"), mc.get("limit")) != (args.mc_bench, args.mc_limit)
 
 
 def available_rows(args) -> tuple[list[str], list[str]]:
@@ -345,6 +374,14 @@ def orchestrate(args) -> None:
 
     keeps = [float(k) for k in args.keeps.split(",")]
     rows, notes = available_rows(args)
+    if args.mc_bench != "none":
+        from prunetune import mceval
+        from prunetune.errors import PrunetuneError
+
+        try:
+            mceval.parse(args.mc_bench)
+        except PrunetuneError as e:
+            raise SystemExit(f"--mc-bench: {e}") from None
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     resolve(args.model)  # dequantise the GGUF once into the fp32 cache, outside every measured row
@@ -465,6 +502,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="magnitude: the LLM example's GroupMagnitudeImportance; taylor: GroupTaylorImportance on "
                         "the calibration batches")
     p.add_argument("--flap-structure", choices=["AL-AM", "UL-UM"], default="AL-AM")
+    p.add_argument("--mc-bench", default="arc_easy,hellaswag",
+                   help="multiple-choice benchmarks every unrecovered row is also scored on, untrained (`prunetune "
+                        "eval` names; the two SmolLM2-135M is clearly above chance on), or none")
+    p.add_argument("--mc-limit", type=int, default=100, help="items per multiple-choice benchmark (the first N)")
     p.add_argument("--recover", action="store_true", help="also LoRA-recover the best row of each family")
     p.add_argument("--recover-keeps", help="budgets to recover at (default: every --keeps)")
     p.add_argument("--recover-teacher", choices=["none", "dense"], default="none",

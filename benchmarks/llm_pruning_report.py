@@ -49,10 +49,25 @@ def _fmt(v, spec: str = ".2f", empty: str = "—") -> str:
     return empty if v is None else format(v, spec)
 
 
+def _mc_settings(settings: dict, benches: list[str]) -> str:
+    if not benches:
+        return "Multiple-choice evaluation: not run (--mc-bench none)."
+    return (f"Multiple choice: `prunetune eval` (lm-evaluation-harness definitions, 0-shot) of each model as pruned, "
+            f"untrained, on the first {settings.get('mc_limit')} items of each benchmark; x100, acc_norm where the "
+            "harness reports it, with the score above chance on the same items; '—': the row ran before or without "
+            "it.")
+
+
+def _mc_cell(r: dict, bench: str) -> str:
+    b = (r.get("mc") or {}).get("benchmarks", {}).get(bench)
+    return "—" if b is None else f"{100 * b['score']:.1f} ({100 * b['above_chance']:+.1f})"
+
+
 def markdown(report: dict, keeps: list[float]) -> str:
     s = report["settings"]
     scorer = report["default_scorer"]
     rows = report["rows"]
+    benches = list(dict.fromkeys(b for r in rows for b in (r.get("mc") or {}).get("benchmarks", {})))
     dense = next((r for r in rows if r["row"] == "dense" and r["status"] == "ok"), None)
     heap = "glibc mmap threshold 64 KiB" if s["heap"] == "compact" else "default heap"
     lines = [
@@ -66,16 +81,17 @@ def markdown(report: dict, keeps: list[float]) -> str:
         f"excluded). Latency: full forward at batch {s['latency_batch']} x {s['latency_seq']}, median of "
         f"{s['latency_repeats']}+ passes (those that had the CPU to themselves), ratio to dense. Peak memory: "
         f"process peak RSS above the level before the model was loaded, while pruning ({heap}). Each row ran in "
-        "its own process. Multiple-choice evaluation: none in prunetune yet, not measured.",
+        f"its own process. {_mc_settings(s, benches)}",
         "",
-        "| keep | method | family | layer params kept | layers | heads (q/kv) | FFN | perplexity | prune s "
-        "| prune peak MB | latency ms | latency ratio | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| keep | method | family | layer params kept | layers | heads (q/kv) | FFN | perplexity "
+        + "".join(f"| {b} (above chance) " for b in benches)
+        + "| prune s | prune peak MB | latency ms | latency ratio | note |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(benches) + "---|---|---|---|---|",
     ]
     for r in rows:
         name = label(r["row"], scorer)
         if r["status"] != "ok":
-            lines.append(_failed_row(r, [name, family(r["row"])], 9))
+            lines.append(_failed_row(r, [name, family(r["row"])], 9 + len(benches)))
             continue
         k, d = r["kept"], r["dense"]
         ratio = r["latency_s"] / dense["latency_s"] if dense else None
@@ -83,7 +99,8 @@ def markdown(report: dict, keeps: list[float]) -> str:
         lines.append(
             f"| {r['keep']:g} | {name} | {family(r['row'])} | {r['layer_params_kept']:.1%} "
             f"| {k['layers']}/{d['layers']} | {k['heads']}/{k['kv_heads']} | {k['ffn']}/{d['ffn']} | {r['ppl']:.2f} "
-            f"| {r['prune_s']:.0f} | {r['prune_peak_mb']:.0f} | {1000 * r['latency_s']:.0f} | {_fmt(ratio, '.3f')} "
+            + "".join(f"| {_mc_cell(r, b)} " for b in benches)
+            + f"| {r['prune_s']:.0f} | {r['prune_peak_mb']:.0f} | {1000 * r['latency_s']:.0f} | {_fmt(ratio, '.3f')} "
             f"| {note} |"
         )
     recovered = report.get("recovered") or []
