@@ -356,3 +356,27 @@ def test_distillation_without_layer_loss_is_the_prediction_kl():
     assert kl.item() > 1e-4
     got = distiller.loss(peft_model, batch, out, out.loss)
     assert got.item() == pytest.approx(0.7 * out.loss.item() + 0.3 * kl.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "llama", "bert"])
+def test_teacher_inputs_give_the_same_outputs_without_a_loss(family):
+    """A distillation teacher runs without the targets (no loss computed for nothing), yet its logits are the
+    ones the model gives with them: T5's decoder inputs are built from the labels as T5 builds them."""
+    from prunetune.families import inputs_without_targets
+
+    model = tiny(family)
+    batch = {k: v for k, v in tiny_inputs(family).items() if k != "decoder_input_ids"}
+    if family == "t5":
+        labels = torch.randint(3, 100, (3, 5))
+        labels[0, -2:] = -100  # padded targets: the model replaces them by the pad token in its decoder inputs
+    elif family == "llama":
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    else:
+        labels = torch.tensor([0, 1, 1])
+    batch["labels"] = labels
+    teacher = inputs_without_targets(model, batch)
+    assert "labels" not in teacher and "labels" in batch  # the student's batch is left as it was
+    with torch.no_grad():
+        with_targets, without = model(**batch), model(**teacher)
+    assert with_targets.loss is not None and without.loss is None
+    assert max_diff(with_targets.logits, without.logits) == 0.0

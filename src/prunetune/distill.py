@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunetune.config import AptOptions
-from prunetune.families import hidden_size, predicts_next_token
+from prunetune.families import hidden_size, inputs_without_targets, predicts_next_token
 from prunetune.optim import _transform
 from prunetune.runtime import Runtime
 from prunetune.surgery import SliceLog
@@ -242,6 +242,7 @@ class Distiller:
     def teacher_outputs(self, model: nn.Module, batch: dict):
         from torch.func import functional_call
 
+        batch = inputs_without_targets(model, batch)  # the teacher's own loss would be computed for nothing
         if self.dense is not None:
             device = next(model.parameters()).device
             if next(self.dense.parameters()).device != device:  # the run moved the student after the copy

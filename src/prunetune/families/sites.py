@@ -199,6 +199,22 @@ def predicts_next_token(model: nn.Module) -> bool:
     return len(stacks) == 1 and stacks[0].name == "decoder"
 
 
+# the arguments from which a transformers model computes its own loss (classification/LM, extractive QA)
+TARGET_KEYS = ("labels", "start_positions", "end_positions")
+
+
+def inputs_without_targets(model: nn.Module, batch: dict) -> dict:
+    """`batch` as a model runs on it when only its outputs are wanted (a distillation teacher): the targets are
+    dropped, so no loss is computed for nothing. An encoder-decoder builds its decoder inputs from the labels,
+    so those are built here first, as the model itself would (shifted right, the start token first)."""
+    out = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+    labels = batch.get("labels")
+    hf = unwrap(model)
+    if labels is not None and "decoder_input_ids" not in out and getattr(hf.config, "is_encoder_decoder", False):
+        out["decoder_input_ids"] = hf.prepare_decoder_input_ids_from_labels(labels=labels)
+    return out
+
+
 def hidden_size(model: nn.Module) -> int:
     """The live width of the hidden stream (the first embedding's last dim)."""
     fam = family_of(unwrap(model))
