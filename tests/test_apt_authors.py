@@ -358,21 +358,25 @@ def test_distillation_without_layer_loss_is_the_prediction_kl():
     assert got.item() == pytest.approx(0.7 * out.loss.item() + 0.3 * kl.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("family", ["t5", "llama", "bert"])
-def test_teacher_inputs_give_the_same_outputs_without_a_loss(family):
+@pytest.mark.parametrize("family, task", [("t5", "auto"), ("t5", "classify"), ("llama", "auto"), ("bert", "auto")])
+def test_teacher_inputs_give_the_same_outputs_without_a_loss(family, task):
     """A distillation teacher runs without the targets (no loss computed for nothing), yet its logits are the
-    ones the model gives with them: T5's decoder inputs are built from the labels as T5 builds them."""
+    ones the model gives with them: T5's decoder inputs are built from the labels as T5 builds them, and a T5
+    classifier (decoder inputs from the input ids) just loses its labels."""
     from prunetune.families import inputs_without_targets
 
-    model = tiny(family)
+    model = classifier("t5") if task == "classify" else tiny(family)
     batch = {k: v for k, v in tiny_inputs(family).items() if k != "decoder_input_ids"}
-    if family == "t5":
+    if family == "t5" and task == "auto":
         labels = torch.randint(3, 100, (3, 5))
         labels[0, -2:] = -100  # padded targets: the model replaces them by the pad token in its decoder inputs
     elif family == "llama":
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     else:
         labels = torch.tensor([0, 1, 1])
+    if task == "classify":  # T5's classifier reads the representation of each row's one end token
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+        batch["input_ids"][:, -1] = model.config.eos_token_id
     batch["labels"] = labels
     teacher = inputs_without_targets(model, batch)
     assert "labels" not in teacher and "labels" in batch  # the student's batch is left as it was

@@ -205,13 +205,14 @@ TARGET_KEYS = ("labels", "start_positions", "end_positions")
 
 def inputs_without_targets(model: nn.Module, batch: dict) -> dict:
     """`batch` as a model runs on it when only its outputs are wanted (a distillation teacher): the targets are
-    dropped, so no loss is computed for nothing. An encoder-decoder builds its decoder inputs from the labels,
-    so those are built here first, as the model itself would (shifted right, the start token first)."""
+    dropped, so no loss is computed for nothing. A generating encoder-decoder builds its decoder inputs from the
+    labels, so those are built here first, as the model itself would (shifted right, the start token first); T5's
+    classification and QA heads build theirs from the input ids, labels or not."""
     out = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
     labels = batch.get("labels")
-    hf = unwrap(model)
-    if labels is not None and "decoder_input_ids" not in out and getattr(hf.config, "is_encoder_decoder", False):
-        out["decoder_input_ids"] = hf.prepare_decoder_input_ids_from_labels(labels=labels)
+    from_labels = getattr(unwrap(model), "prepare_decoder_input_ids_from_labels", None)
+    if labels is not None and from_labels is not None and "decoder_input_ids" not in out:
+        out["decoder_input_ids"] = from_labels(labels=labels)
     return out
 
 
