@@ -287,9 +287,8 @@ def run_process(args, row: str, keep: float, recover: bool = False) -> dict:
     out = workdir / f"{tag}.json"
     if args.reuse and out.exists():
         earlier = json.loads(out.read_text())
-        if not _lacks_mc(earlier, args):
-            return earlier
-        if args.report_only:  # its perplexity is still a result; the missing scores show as "-"
+        # --report-only: a row without the scores asked for is still a result (its missing cells show as "-")
+        if args.report_only or not _lacks_mc(earlier, args):
             return earlier
         print(f"   {tag}: no multiple-choice scores at --mc-bench {args.mc_bench} --mc-limit {args.mc_limit}: "
               "run again", flush=True)
