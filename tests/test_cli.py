@@ -338,6 +338,17 @@ def test_help_describes_the_tool_and_version_names_the_libraries(capsys):
     assert "lora        --lora-targets --rank\n" in epilog
 
 
+def test_every_subcommand_has_its_handler():
+    import argparse
+
+    from prunetune.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    # a subcommand without a handler would fail with a KeyError instead of running; a handler without a
+    # subcommand is dead code
+    assert set(sub.choices) == set(COMMANDS)
+
+
 def test_evaluate_warns_about_an_untrained_head_and_an_unknown_task(ws, capsys, tmp_path):
     """A `prune --task` output has a new head nobody trained; a stock checkpoint does not say what it is for."""
     rc, _, err = cli(capsys, "prune", ws / "bert", "--task", "sst2", "--data", ws / "sst2.tsv", "--samples", "8",

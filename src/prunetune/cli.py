@@ -333,58 +333,83 @@ def _outputs(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _importance(args: argparse.Namespace, options: dict | None) -> None:
+    from prunetune import pipeline
+
+    _print(pipeline.run_importance(
+        args.model, args.task or [], args.out, data=args.data, task_options=options,
+        **_given(args, "samples", "scorer", "max_length", "hidden", "overwrite", "seed"),
+    ))
+
+
+def _prune(args: argparse.Namespace, options: dict | None) -> None:
+    from prunetune import pipeline
+
+    report = pipeline.run_prune(
+        args.model, args.out, plan=args.plan, budget=_budget(args), task=args.task, data=args.data,
+        task_options=options, **_given(args, "samples", "scorer", "max_length", "overwrite", "seed"),
+    )
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    _print(report)
+
+
+def _info(args: argparse.Namespace, options: dict | None) -> None:
+    from prunetune import pipeline
+
+    info = pipeline.run_info(args.model)
+    print(json.dumps(info, indent=1) if args.json else _info_table(info))
+
+
+def _finetune(args: argparse.Namespace, options: dict | None) -> None:
+    from prunetune.config import RunConfig
+    from prunetune.recipes import finetune
+
+    args.task_options = options
+    report = finetune(RunConfig.from_flags(vars(args)))
+    if report is not None:  # None: another rank of a data-parallel run, which writes nothing
+        print(report["summary"])
+        print(_outputs(report))
+
+
+def _evaluate(args: argparse.Namespace, options: dict | None) -> None:
+    from prunetune.recipes import evaluate_export
+
+    _print(evaluate_export(args.model, args.task, data=args.data, task_options=options,
+                           **_given(args, "max_length", "batch_size", "eval_limit", "seed")))
+
+
+def _eval(args: argparse.Namespace, options: dict | None) -> None:
+    from prunetune.config import EvalConfig
+    from prunetune.mceval.command import run_eval, table
+
+    names = [f.name for f in dataclasses.fields(EvalConfig)]
+    print(table(run_eval(EvalConfig(**_given(args, *names)))))
+
+
+def _export_onnx(args: argparse.Namespace, options: dict | None) -> None:
+    from prunetune.onnx_export import export_onnx
+
+    _print(export_onnx(args.model, args.out, **_given(
+        args, "opset", "dynamic", "quantize", "verify", "auto_class", "atol", "rtol", "batch_size", "seq_len"),
+        overwrite=args.overwrite))
+
+
+def _tasks(args: argparse.Namespace, options: dict | None) -> None:
+    from prunetune import tasks
+
+    print(json.dumps(tasks.catalogue(), indent=1) if args.json else _tasks_table())
+
+
+# each subcommand's handler (args, the task's options); the parser defines the same names
+COMMANDS = {"importance": _importance, "prune": _prune, "info": _info, "finetune": _finetune,
+            "evaluate": _evaluate, "eval": _eval, "export-onnx": _export_onnx, "tasks": _tasks}
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_flags(args)
-    from prunetune import pipeline
-
-    options = task_options(args)
-    if args.command == "importance":
-        _print(pipeline.run_importance(
-            args.model, args.task or [], args.out, data=args.data, task_options=options,
-            **_given(args, "samples", "scorer", "max_length", "hidden", "overwrite", "seed"),
-        ))
-    elif args.command == "prune":
-        report = pipeline.run_prune(
-            args.model, args.out, plan=args.plan, budget=_budget(args), task=args.task, data=args.data,
-            task_options=options, **_given(args, "samples", "scorer", "max_length", "overwrite", "seed"),
-        )
-        for note in report["notes"]:
-            print(f"note: {note}", file=sys.stderr)
-        _print(report)
-    elif args.command == "info":
-        info = pipeline.run_info(args.model)
-        print(json.dumps(info, indent=1) if args.json else _info_table(info))
-    elif args.command == "finetune":
-        from prunetune.config import RunConfig
-        from prunetune.recipes import finetune
-
-        args.task_options = options
-        report = finetune(RunConfig.from_flags(vars(args)))
-        if report is not None:  # None: another rank of a data-parallel run, which writes nothing
-            print(report["summary"])
-            print(_outputs(report))
-    elif args.command == "evaluate":
-        from prunetune.recipes import evaluate_export
-
-        _print(evaluate_export(args.model, args.task, data=args.data, task_options=options,
-                               **_given(args, "max_length", "batch_size", "eval_limit", "seed")))
-    elif args.command == "eval":
-        from prunetune.config import EvalConfig
-        from prunetune.mceval.command import run_eval, table
-
-        names = [f.name for f in dataclasses.fields(EvalConfig)]
-        print(table(run_eval(EvalConfig(**_given(args, *names)))))
-    elif args.command == "export-onnx":
-        from prunetune.onnx_export import export_onnx
-
-        _print(export_onnx(args.model, args.out, **_given(
-            args, "opset", "dynamic", "quantize", "verify", "auto_class", "atol", "rtol", "batch_size", "seq_len"),
-            overwrite=args.overwrite))
-    elif args.command == "tasks":
-        from prunetune import tasks
-
-        print(json.dumps(tasks.catalogue(), indent=1) if args.json else _tasks_table())
+    COMMANDS[args.command](args, task_options(args))
     return 0
 
 
